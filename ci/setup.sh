@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create (once) and reuse the pinned virtual environment for ringpar.
+#
+# The environment lives outside the checkout, keyed by a hash of ci/requirements.lock and the
+# Python version, so a fresh clone on the same machine reuses it in seconds; a changed lock
+# builds a new one. Prints the venv path on the last line of stdout.
+#
+# Env: RINGPAR_VENV (override the venv path), RINGPAR_PYTHON (interpreter, default python3).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+lock="$here/requirements.lock"
+py="${RINGPAR_PYTHON:-python3}"
+pyver="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+key="$( (cat "$lock"; echo "$pyver") | sha256sum | cut -c1-16)"
+venv="${RINGPAR_VENV:-$HOME/.cache/ringpar/venv-$key}"
+marker="$venv/.ringpar-ready"
+
+if [ -f "$marker" ] && [ "$(cat "$marker")" = "$key" ]; then
+  echo "ringpar: reusing environment $venv" >&2
+else
+  echo "ringpar: building environment $venv (first time on this machine: a few minutes, ~7 GB)" >&2
+  start=$(date +%s)
+  if ! command -v uv >/dev/null 2>&1; then
+    "$py" -m pip install --quiet --disable-pip-version-check uv >&2
+  fi
+  uv=$(command -v uv || echo "$("$py" -m site --user-base)/bin/uv")
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  "$uv" venv --quiet --python "$py" "$venv" >&2
+  "$uv" pip sync --quiet --python "$venv/bin/python" "$lock" >&2
+  echo "$key" > "$marker"
+  echo "ringpar: environment ready in $(( $(date +%s) - start )) s" >&2
+fi
+echo "$venv"

@@ -1,0 +1,125 @@
+"""Read the communication of a compiled XLA program from its HLO text (framework-neutral).
+
+Both JAX (``jax.jit(f).lower(...).compile().as_text()``) and torch_xla (``--xla_dump_to`` files
+``*after_optimizations.txt``) print collectives the same way, e.g.::
+
+    %cp = f32[2,4]{1,0} collective-permute(f32[2,4]{1,0} %x), channel_id=3,
+          source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+
+This module extracts the collectives in program order as :class:`Collective` records. Channel ids
+are ignored, so two programs compare equal when they do the same communication.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+__all__ = ["COLLECTIVE_KINDS", "Collective", "collectives", "signature", "count", "ring_pairs",
+           "instruction_count", "communication_bytes"]
+
+COLLECTIVE_KINDS = (
+    "collective-permute", "all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+    "collective-broadcast",
+)
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+# "%name = <result type> <kind>(<operands>)" (async forms: "<kind>-start(" ... "<kind>-done(").
+_INSTR = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<rtype>.+?)\s+"
+    r"(?P<kind>" + "|".join(re.escape(k) for k in COLLECTIVE_KINDS) + r")(?P<start>-start)?\("
+)
+_PAIRS = re.compile(r"source_target_pairs=\{(?P<body>(?:\{\d+,\d+\},?)*)\}")
+_GROUPS = re.compile(r"replica_groups=(?P<v>\{(?:\{[\d,]*\},?)*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)")
+_SHAPE = re.compile(r"(?P<dt>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective op: its kind, sorted permute pairs (or ()), replica groups text, result bytes."""
+
+    kind: str
+    pairs: tuple[tuple[int, int], ...] = ()
+    replica_groups: str = ""
+    result_bytes: int = 0
+
+    def key(self) -> tuple:
+        """Comparison key: kind, pairs and replica groups (sizes and channel ids excluded)."""
+        return (self.kind, self.pairs, self.replica_groups)
+
+
+def _bytes_of(type_text: str) -> int:
+    total = 0
+    for m in _SHAPE.finditer(type_text):
+        dt = m.group("dt")
+        if dt not in _DTYPE_BYTES:
+            continue
+        n = 1
+        for d in filter(None, m.group("dims").split(",")):
+            n *= int(d)
+        total += n * _DTYPE_BYTES[dt]
+    return total
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """All collectives of an HLO module text, in program order (async start/done counted once)."""
+    out = []
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        pairs_m = _PAIRS.search(line)
+        pairs = ()
+        if pairs_m:
+            pairs = tuple(sorted(tuple(int(v) for v in p.split(","))
+                                 for p in re.findall(r"\{(\d+,\d+)\}", pairs_m.group("body"))))
+        groups_m = _GROUPS.search(line)
+        rtype = m.group("rtype")
+        if m.group("start"):  # async start returns a tuple (operand, result, ...): count result only
+            shapes = _SHAPE.findall(rtype)
+            rtype = "{}[{}]".format(*shapes[-1]) if shapes else rtype
+        out.append(Collective(kind=m.group("kind"), pairs=pairs,
+                              replica_groups=groups_m.group("v") if groups_m else "",
+                              result_bytes=_bytes_of(rtype)))
+    return out
+
+
+def signature(hlo_text_or_ops) -> Counter:
+    """Multiset of (kind, pairs, replica_groups) of a program: what 'same communication' means."""
+    ops = collectives(hlo_text_or_ops) if isinstance(hlo_text_or_ops, str) else hlo_text_or_ops
+    return Counter(op.key() for op in ops)
+
+
+def count(hlo_text: str, kind: str) -> int:
+    """Number of collectives of ``kind`` (e.g. ``'collective-permute'``) in the program."""
+    if kind not in COLLECTIVE_KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {COLLECTIVE_KINDS}")
+    return sum(op.kind == kind for op in collectives(hlo_text))
+
+
+def ring_pairs(groups: list[list[int]], shift_up: bool = True) -> tuple[tuple[int, int], ...]:
+    """The source_target_pairs of a cyclic shift within each device group, sorted.
+
+    ``groups`` lists the device ids of each ring in ring order (e.g. ``[[0, 1, 2, 3]]``); with
+    ``shift_up`` device ``g[j]`` sends to ``g[j+1]`` (and the last to the first).
+    """
+    pairs = []
+    for g in groups:
+        n = len(g)
+        for j in range(n):
+            src, dst = (g[j], g[(j + 1) % n]) if shift_up else (g[(j + 1) % n], g[j])
+            pairs.append((src, dst))
+    return tuple(sorted(pairs))
+
+
+def instruction_count(hlo_text: str) -> int:
+    """Number of HLO instructions (lines of the form ``%x = ...``) in the module text."""
+    return sum(1 for line in hlo_text.splitlines()
+               if re.match(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*\S", line) and "HloModule" not in line)
+
+
+def communication_bytes(hlo_text: str) -> int:
+    """Sum of collective result sizes in bytes (per device) over the program."""
+    return sum(op.result_bytes for op in collectives(hlo_text))
