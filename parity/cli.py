@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import time
 
 __all__ = ["build_parser", "main"]
 
@@ -32,6 +32,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _progress_printer(stream=sys.stderr):
+    """A progress bar on a terminal; a line every 10% (and the first case) otherwise."""
+    tty = stream.isatty()
+    state = {"last": -1, "t0": time.perf_counter()}
+
+    def show(done: int, total: int, label: str) -> None:
+        elapsed = time.perf_counter() - state["t0"]
+        width = 30
+        filled = int(width * done / max(total, 1))
+        bar = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:5.0f}s {label}"
+        if tty:
+            stream.write("\r" + bar[:150].ljust(150) + ("\n" if done == total else ""))
+            stream.flush()
+        else:
+            decile = 10 * done // max(total, 1)
+            if decile != state["last"] or done == total:
+                state["last"] = decile
+                stream.write(bar + "\n")
+                stream.flush()
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Returns 0 when every case matches, 1 on a mismatch, 2 on bad arguments."""
     parser = build_parser()
@@ -39,15 +62,42 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
         return int(exc.code or 0)
-    if args.devices < 1:
+
+    def usage_error(msg: str) -> int:
         parser.print_usage(sys.stderr)
-        print(f"python -m parity: error: --devices={args.devices}: expected a positive int",
-              file=sys.stderr)
+        print(f"python -m parity: error: {msg}", file=sys.stderr)
         return 2
-    try:
-        from . import runner  # noqa: F401  (added by the parity-harness issue)
-    except ImportError:
-        print("python -m parity: the case runner is not built yet (parity/runner.py); only "
-              "--help works in this version", file=sys.stderr)
-        return 2
-    return runner.run_cli(args)
+
+    if args.devices < 1:
+        return usage_error(f"--devices={args.devices}: expected a positive int")
+    from . import cases as cases_mod
+
+    selected = cases_mod.select(cases_mod.default_matrix(), args.filter, args.dtype)
+    runnable = [c for c in selected if args.devices % c.axis_size == 0]
+    if not runnable:
+        what = f"-k {args.filter!r}" if args.filter else "the matrix"
+        return usage_error(f"no case of {what} (dtype {args.dtype or 'any'}) runs on "
+                           f"--devices={args.devices} (axis sizes must divide the device count)")
+    if len(runnable) < len(selected):
+        print(f"python -m parity: skipping {len(selected) - len(runnable)} cases whose axis size "
+              f"does not divide --devices={args.devices}", file=sys.stderr)
+    if args.list:
+        print("\n".join(c.id for c in runnable))
+        return 0
+
+    from . import report, runner
+
+    runner.setup_devices(args.devices)
+    print(f"python -m parity: {len(runnable)} cases on {args.devices} devices "
+          f"({'isolated processes' if args.isolate else 'in-process'})", file=sys.stderr)
+    t0 = time.perf_counter()
+    reports = runner.run_cases(runnable, isolate=args.isolate, devices=args.devices,
+                               progress=_progress_printer())
+    seconds = time.perf_counter() - t0
+    print(report.table(reports))
+    print(report.summary(reports, seconds))
+    if args.json_path:
+        report.write_json(args.json_path, reports, seconds, args.devices, args.isolate)
+    if args.markdown_path:
+        report.write_markdown(args.markdown_path, reports, seconds, args.devices, args.isolate)
+    return 0 if all(r.passed for r in reports) else 1

@@ -1,0 +1,167 @@
+"""The parity case matrix, as data (framework-neutral: imports neither JAX nor torch).
+
+A :class:`Case` names a module and variant, the model-axis size, the dtype and the problem
+shape. :class:`ModuleSpec` describes, per module, the parameter layout both backends share (flat
+``{path: shape}`` dicts whose keys are the JAX parameter paths joined by '.', i.e. the torch
+``state_dict`` keys) and the global input shape. :func:`make_data` draws the weights, the input and
+the output cotangent for a case from one seeded NumPy generator, so both backends see the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["Case", "ModuleSpec", "MODULES", "TOLERANCES", "AXIS_SIZES", "DTYPES", "register",
+           "default_matrix", "select", "make_data"]
+
+AXIS_SIZES = (1, 2, 4, 8)
+DTYPES = ("float32", "bfloat16")
+# Normwise relative error bound, max|a - b| / max|b|, per dtype (see parity.runner.compare).
+TOLERANCES = {"float32": 1e-5, "bfloat16": 2e-2}
+# The loosest tolerance a case may claim per dtype: a case asking for more is itself a defect.
+MAX_TOLERANCES = {"float32": 1e-5, "bfloat16": 5e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One parity case: module/variant on a model axis of ``axis_size`` devices."""
+
+    module: str
+    variant: str
+    axis_size: int
+    dtype: str = "float32"
+    batch: int = 8
+    in_features: int = 32
+    out_features: int = 32
+    extra: tuple[tuple[str, object], ...] = ()
+    tolerance: float | None = None
+
+    @property
+    def id(self) -> str:
+        """Stable, human-readable id, e.g. ``tpdense-gather-n4-float32-b8x32x32``."""
+        ex = "".join(f"-{k}{v}" for k, v in self.extra)
+        return (f"{self.module}-{self.variant}-n{self.axis_size}-{self.dtype}"
+                f"-b{self.batch}x{self.in_features}x{self.out_features}{ex}")
+
+    @property
+    def tol(self) -> float:
+        """The case's tolerance (its own, or the dtype default)."""
+        return TOLERANCES[self.dtype] if self.tolerance is None else self.tolerance
+
+    def option(self, key: str, default=None):
+        """Value of an ``extra`` option."""
+        return dict(self.extra).get(key, default)
+
+    def seed(self) -> int:
+        """Seed of the case's data: a hash of the id without the tolerance."""
+        return zlib.crc32(self.id.encode())
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """How a module appears in the matrix: its variants, parameter layout and input shape."""
+
+    name: str
+    variants: tuple[str, ...]
+    param_shapes: Callable[[Case], dict[str, tuple[int, ...]]]
+    input_shape: Callable[[Case], tuple[int, ...]]
+    output_shape: Callable[[Case], tuple[int, ...]]
+    shapes: tuple[tuple[int, int, int], ...] = ((8, 32, 32),)
+    axis_sizes: tuple[int, ...] = AXIS_SIZES
+    dtypes: tuple[str, ...] = DTYPES
+    extras: Callable[[str], list[tuple[tuple[str, object], ...]]] = field(
+        default=lambda variant: [()])
+    tolerances: dict[str, float] = field(default_factory=dict)
+
+
+MODULES: dict[str, ModuleSpec] = {}
+
+
+def register(spec: ModuleSpec) -> ModuleSpec:
+    """Add a module to the matrix (its name must be new)."""
+    if spec.name in MODULES:
+        raise ValueError(f"module {spec.name!r} is already registered")
+    MODULES[spec.name] = spec
+    return spec
+
+
+def default_matrix() -> list[Case]:
+    """Every registered module x variant x axis size x dtype x shape (x extra options)."""
+    cases = []
+    for spec in MODULES.values():
+        for variant in spec.variants:
+            for extra in spec.extras(variant):
+                for n in spec.axis_sizes:
+                    for dtype in spec.dtypes:
+                        for b, fi, fo in spec.shapes:
+                            cases.append(Case(spec.name, variant, n, dtype, b, fi, fo, extra,
+                                              spec.tolerances.get(dtype)))
+    return cases
+
+
+def select(cases: list[Case], filter: str | None = None,
+           dtypes: list[str] | None = None) -> list[Case]:
+    """Cases whose id contains every comma-free word of ``filter`` and whose dtype is allowed."""
+    words = filter.split() if filter else []
+    return [c for c in cases if all(w in c.id for w in words)
+            and (not dtypes or c.dtype in dtypes)]
+
+
+def make_data(case: Case) -> dict[str, dict[str, np.ndarray]]:
+    """Weights, input and output cotangent of a case from one seeded generator (float32 values).
+
+    Returns ``{"params": {path: array}, "inputs": {"x": array}, "cotangent": {"y": array}}``.
+    Values are drawn in float32; a bfloat16 case rounds them on each backend the same way.
+    """
+    spec = MODULES[case.module]
+    rng = np.random.default_rng(case.seed())
+    params = {}
+    for path, shape in sorted(spec.param_shapes(case).items()):
+        fan_in = shape[-2] if len(shape) >= 2 else 1
+        scale = 1.0 / np.sqrt(fan_in) if "kernel" in path or "weight" in path else 0.5
+        params[path] = (rng.standard_normal(shape) * scale).astype(np.float32)
+    x = rng.standard_normal(spec.input_shape(case)).astype(np.float32)
+    cot = rng.standard_normal(spec.output_shape(case)).astype(np.float32)
+    return {"params": params, "inputs": {"x": x}, "cotangent": {"y": cot}}
+
+
+def with_tolerance(case: Case, tolerance: float) -> Case:
+    """The same case claiming another tolerance."""
+    return replace(case, tolerance=tolerance)
+
+
+# ------------------------------------------------------------------------------- TP modules
+# Convention for every TP case: the global input is [B, F] with the features sharded over the
+# model axis (per device [B, F/n]); the global output is [B, O] with the features sharded (per
+# device [B, O/n]); in torch's stacked view both are [n, B, features/n]. With n == 1 every mode
+# falls back to a plain dense layer ("Dense_0" for TPDense, "shard_0" for TPAsyncDense).
+
+def _tp_shapes(case: Case) -> dict[str, tuple[int, ...]]:
+    n, fi, fo = case.axis_size, case.in_features, case.out_features
+    mode = case.variant.split("-")[0]
+    if n == 1 or mode == "none":
+        local_in, dense_out = fi // n, fo // n
+        prefix = "Dense_0" if case.module == "tpdense" else "shard_0"
+        return {f"{prefix}.kernel": (local_in, dense_out), f"{prefix}.bias": (dense_out,)}
+    if case.module == "tpdense":
+        if mode == "gather":
+            return {"module.sharded.kernel": (n, fi, fo // n), "module.sharded.bias": (n, fo // n)}
+        return {"module.sharded.kernel": (n, fi // n, fo), "module.sharded.bias": (n, fo)}
+    shapes = {f"shard_{i}.sharded.kernel": (n, fi // n, fo // n) for i in range(n)}
+    shapes["shard_0.sharded.bias"] = (n, fo // n)
+    return shapes
+
+
+register(ModuleSpec(
+    name="tpdense", variants=("none", "gather", "scatter"), param_shapes=_tp_shapes,
+    input_shape=lambda c: (c.batch, c.in_features),
+    output_shape=lambda c: (c.batch, c.out_features)))
+register(ModuleSpec(
+    name="tpasync", variants=("gather-uni", "gather-bi", "scatter-uni", "scatter-split"),
+    param_shapes=_tp_shapes, input_shape=lambda c: (c.batch, c.in_features),
+    output_shape=lambda c: (c.batch, c.out_features)))

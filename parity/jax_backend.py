@@ -1,0 +1,141 @@
+"""The JAX side of the parity harness: builds each case's module and runs forward + backward.
+
+Twin of ``parity.torch_backend``. ``run(case, data)`` returns a ``BackendResult`` with the global
+output, the gradients of ``sum(y * cotangent)`` w.r.t. the input (``x``) and every parameter (flat
+paths joined by '.'), and the HLO text of the compiled forward+backward program.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jax_impl.configs import ParallelConfig
+from jax_impl.mesh import create_mesh
+
+from .cases import Case
+from .runner import BackendResult
+
+__all__ = ["run", "ADAPTERS"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _flat(tree, prefix="") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) or hasattr(v, "items") and not isinstance(v, nn.Partitioned):
+            out.update(_flat(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def _fill(abstract, flat: dict, dtype, prefix=""):
+    """The boxed parameter tree ``abstract`` with values taken from ``flat`` (checked shapes)."""
+    out = {}
+    for k, v in abstract.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, nn.Partitioned):
+            value = _take(flat, path, v.value.shape, dtype)
+            out[k] = v.replace_boxed(value)
+        elif hasattr(v, "items"):
+            out[k] = _fill(v, flat, dtype, path)
+        else:
+            out[k] = _take(flat, path, v.shape, dtype)
+    return out
+
+
+def _take(flat, path, shape, dtype):
+    if path not in flat:
+        raise ValueError(f"parameter {path!r} of the JAX module is not in the case data "
+                         f"(have {sorted(flat)})")
+    if tuple(flat[path].shape) != tuple(shape):
+        raise ValueError(f"parameter {path!r}: case data shape {flat[path].shape} != JAX shape "
+                         f"{tuple(shape)}")
+    return jnp.asarray(flat[path], dtype=dtype)
+
+
+def _unbox(tree):
+    return jax.tree.map(lambda v: v.value if isinstance(v, nn.Partitioned) else v, tree,
+                        is_leaf=lambda v: isinstance(v, nn.Partitioned))
+
+
+def run_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, y_spec):
+    """Init-shape, fill, and run ``module`` under shard_map; forward + vjp; compiled HLO."""
+    dtype = _DTYPES[case.dtype]
+    x = jnp.asarray(data["inputs"]["x"], dtype=dtype)
+    cot = jnp.asarray(data["cotangent"]["y"], dtype=dtype)
+
+    def init(rng, xl):
+        return module.init(rng, xl)["params"]
+
+    # Per-device boxed tree (out_specs=P() keeps local shapes; Partitioned leaves carry names).
+    abstract_local = jax.eval_shape(
+        jax.shard_map(init, mesh=mesh, in_specs=(P(), x_spec), out_specs=P(), check_vma=False),
+        jax.random.key(0), x)
+    specs = nn.get_partition_spec(abstract_local)
+    params = _fill(_globalize(abstract_local, mesh), data["params"], dtype)  # stays boxed
+
+    def forward(p, xg):
+        return jax.shard_map(lambda pl, xl: module.apply({"params": pl}, xl), mesh=mesh,
+                             in_specs=(specs, x_spec), out_specs=y_spec, check_vma=False)(p, xg)
+
+    def fwd_bwd(p, xg, ct):
+        y, vjp = jax.vjp(forward, p, xg)
+        gp, gx = vjp(ct)
+        return y, gp, gx
+
+    jitted = jax.jit(fwd_bwd)
+    compiled = jitted.lower(params, x, cot).compile()
+    y, gp, gx = compiled(params, x, cot)
+    to_np = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
+    grads = {k: to_np(v) for k, v in _flat(_unbox(gp)).items()}
+    grads["x"] = to_np(gx)
+    return BackendResult(outputs={"y": to_np(y)}, grads=grads, hlo_text=compiled.as_text())
+
+
+def _globalize(tree, mesh):
+    """Abstract per-device boxed tree -> global shapes (Partitioned dims times their axis size)."""
+    def glob(v):
+        if isinstance(v, nn.Partitioned):
+            shape = tuple(d * (mesh.shape[a] if a is not None else 1)
+                          for d, a in zip(v.value.shape, v.names))
+            return v.replace_boxed(jax.ShapeDtypeStruct(shape, v.value.dtype))
+        return v
+    return jax.tree.map(glob, tree, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+
+
+# ------------------------------------------------------------------------------ TP adapters
+def _tp(case: Case, data: dict) -> BackendResult:
+    from jax_impl.tensor_parallel import TPAsyncDense, TPDense
+
+    n = case.axis_size
+    mesh = create_mesh(ParallelConfig(model_axis_size=n))
+    mode, _, direction = case.variant.partition("-")
+    dense_out = case.out_features if (case.module == "tpdense" and mode == "scatter") or n == 1 \
+        else case.out_features // n
+    dense_fn = functools.partial(nn.Dense, features=dense_out)
+    if case.module == "tpdense":
+        module = TPDense(dense_fn=dense_fn, model_axis_name="tp", tp_mode=mode)
+    else:
+        module = TPAsyncDense(dense_fn=dense_fn, model_axis_name="tp", tp_mode=mode,
+                              use_bidirectional_gather=direction == "bi",
+                              use_bidirectional_scatter=direction == "split")
+    return run_shard_mapped(module, mesh, case, data, P(None, "tp"), P(None, "tp"))
+
+
+ADAPTERS = {"tpdense": _tp, "tpasync": _tp}
+
+
+def run(case: Case, data: dict) -> BackendResult:
+    """Run ``case`` on JAX with the weights, input and cotangent in ``data``."""
+    if case.module not in ADAPTERS:
+        raise ValueError(f"case.module={case.module!r}: no JAX adapter (have {sorted(ADAPTERS)})")
+    return ADAPTERS[case.module](case, data)

@@ -1,0 +1,56 @@
+"""parity.hlo: reading collectives out of HLO text (framework-neutral)."""
+
+from collections import Counter
+
+import pytest
+
+from parity import hlo
+
+# Lines in the format both XLA front ends print (shapes, layouts, metadata trimmed).
+_TEXT = """
+HloModule m, entry_computation_layout={(f32[2,4]{1,0})->f32[2,4]{1,0}}
+
+ENTRY %main (p: f32[2,4]) -> f32[2,4] {
+  %p = f32[2,4]{1,0} parameter(0)
+  %cp.1 = f32[2,4]{1,0} collective-permute(f32[2,4]{1,0} %p), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}, metadata={op_name="x"}
+  %cp.2 = f32[2,4]{1,0} collective-permute(f32[2,4]{1,0} %cp.1), channel_id=7, source_target_pairs={{1,0},{2,1},{3,2},{0,3}}
+  %ag = bf16[2,16]{1,0} all-gather(bf16[2,4]{1,0} %x), channel_id=2, replica_groups={{0,1,2,3}}, dimensions={1}, use_global_device_ids=true
+  %ar-start = (f32[8]{0}, f32[8]{0}) all-reduce-start(f32[8]{0} %y), channel_id=3, replica_groups=[2,4]<=[8], to_apply=%add
+  %ar-done = f32[8]{0} all-reduce-done((f32[8]{0}, f32[8]{0}) %ar-start)
+  ROOT %rs = f32[2,1]{1,0} reduce-scatter(f32[2,4]{1,0} %cp.2), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={1}, to_apply=%add
+}
+"""
+
+
+def test_collectives_in_program_order_with_pairs_and_bytes():
+    ops = hlo.collectives(_TEXT)
+    assert [op.kind for op in ops] == ["collective-permute", "collective-permute", "all-gather",
+                                       "all-reduce", "reduce-scatter"]
+    assert ops[0].pairs == ((0, 1), (1, 2), (2, 3), (3, 0))
+    assert ops[1].pairs == ((0, 3), (1, 0), (2, 1), (3, 2))  # sorted
+    assert ops[2].replica_groups == "{{0,1,2,3}}"
+    assert ops[3].replica_groups == "[2,4]<=[8]"
+    assert [op.result_bytes for op in ops] == [32, 32, 64, 32, 8]
+    assert hlo.communication_bytes(_TEXT) == 168
+
+
+def test_signature_ignores_channel_ids_but_not_pairs():
+    renumbered = _TEXT.replace("channel_id=1,", "channel_id=99,")
+    assert hlo.signature(renumbered) == hlo.signature(_TEXT)
+    reversed_ring = _TEXT.replace("{{0,1},{1,2},{2,3},{3,0}}", "{{1,0},{2,1},{3,2},{0,3}}")
+    assert hlo.signature(reversed_ring) != hlo.signature(_TEXT)
+    assert hlo.signature(_TEXT)[("collective-permute", ((0, 1), (1, 2), (2, 3), (3, 0)), "")] == 1
+
+
+def test_count_and_ring_pairs():
+    assert hlo.count(_TEXT, "collective-permute") == 2
+    assert hlo.count(_TEXT, "all-to-all") == 0
+    with pytest.raises(ValueError, match="kind='permute'"):
+        hlo.count(_TEXT, "permute")
+    assert hlo.ring_pairs([[0, 1, 2, 3]]) == ((0, 1), (1, 2), (2, 3), (3, 0))
+    assert hlo.ring_pairs([[0, 1], [2, 3]], shift_up=False) == ((0, 1), (1, 0), (2, 3), (3, 2))
+    assert Counter(op.pairs for op in hlo.collectives(_TEXT))[hlo.ring_pairs([[0, 1, 2, 3]])] == 1
+
+
+def test_instruction_count():
+    assert hlo.instruction_count(_TEXT) == 7
