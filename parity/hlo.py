@@ -63,8 +63,26 @@ def _bytes_of(type_text: str) -> int:
     return total
 
 
-def collectives(hlo_text: str) -> list[Collective]:
-    """All collectives of an HLO module text, in program order (async start/done counted once)."""
+def _trivial(groups: str, pairs) -> bool:
+    """True for a collective that moves no data: every replica group has one device, or every
+    permute pair sends a device to itself."""
+    if pairs:
+        return all(a == b for a, b in pairs)
+    if not groups:
+        return False
+    iota = re.fullmatch(r"\[(\d+),(\d+)\]<=.*", groups)
+    if iota:
+        return int(iota.group(2)) == 1
+    return all(len(g.split(",")) == 1 for g in re.findall(r"\{([\d,]+)\}", groups))
+
+
+def collectives(hlo_text: str, include_trivial: bool = False) -> list[Collective]:
+    """All collectives of an HLO module text, in program order (async start/done counted once).
+
+    Collectives over groups of one device (e.g. ``replica_groups={{0},{1}}``, which XLA may keep
+    for a reduction over an axis of size 1) move no data and are left out unless
+    ``include_trivial``.
+    """
     out = []
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
@@ -76,12 +94,15 @@ def collectives(hlo_text: str) -> list[Collective]:
             pairs = tuple(sorted(tuple(int(v) for v in p.split(","))
                                  for p in re.findall(r"\{(\d+,\d+)\}", pairs_m.group("body"))))
         groups_m = _GROUPS.search(line)
+        groups = groups_m.group("v") if groups_m else ""
+        if not include_trivial and _trivial(groups, pairs):
+            continue
         rtype = m.group("rtype")
         if m.group("start"):  # async start returns a tuple (operand, result, ...): count result only
             shapes = _SHAPE.findall(rtype)
             rtype = "{}[{}]".format(*shapes[-1]) if shapes else rtype
         out.append(Collective(kind=m.group("kind"), pairs=pairs,
-                              replica_groups=groups_m.group("v") if groups_m else "",
+                              replica_groups=groups,
                               result_bytes=_bytes_of(rtype)))
     return out
 

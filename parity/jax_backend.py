@@ -21,7 +21,7 @@ from jax_impl.mesh import create_mesh
 from .cases import Case
 from .runner import BackendResult
 
-__all__ = ["run", "ADAPTERS"]
+__all__ = ["run", "build", "Program", "ADAPTERS"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -67,8 +67,8 @@ def _unbox(tree):
                         is_leaf=lambda v: isinstance(v, nn.Partitioned))
 
 
-def run_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, y_spec):
-    """Init-shape, fill, and run ``module`` under shard_map; forward + vjp; compiled HLO."""
+def build_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, y_spec):
+    """Init-shape and fill ``module``'s params; compile forward + vjp under shard_map."""
     dtype = _DTYPES[case.dtype]
     x = jnp.asarray(data["inputs"]["x"], dtype=dtype)
     cot = jnp.asarray(data["cotangent"]["y"], dtype=dtype)
@@ -85,20 +85,36 @@ def run_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, y_
 
     def forward(p, xg):
         return jax.shard_map(lambda pl, xl: module.apply({"params": pl}, xl), mesh=mesh,
-                             in_specs=(specs, x_spec), out_specs=y_spec, check_vma=False)(p, xg)
+                             in_specs=(specs, x_spec), out_specs=y_spec, check_vma=True)(p, xg)
 
     def fwd_bwd(p, xg, ct):
         y, vjp = jax.vjp(forward, p, xg)
         gp, gx = vjp(ct)
         return y, gp, gx
 
-    jitted = jax.jit(fwd_bwd)
-    compiled = jitted.lower(params, x, cot).compile()
-    y, gp, gx = compiled(params, x, cot)
-    to_np = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
-    grads = {k: to_np(v) for k, v in _flat(_unbox(gp)).items()}
-    grads["x"] = to_np(gx)
-    return BackendResult(outputs={"y": to_np(y)}, grads=grads, hlo_text=compiled.as_text())
+    compiled = jax.jit(fwd_bwd).lower(params, x, cot).compile()
+    return Program(lambda: compiled(params, x, cot), compiled.as_text(), compiled)
+
+
+class Program:
+    """A compiled forward+backward program of a case, ready to run (also used by ``bench``)."""
+
+    def __init__(self, step, hlo_text: str, compiled=None):
+        self._step = step
+        self.hlo_text = hlo_text
+        self.compiled = compiled
+
+    def step(self):
+        """Run forward+backward once and wait for the result."""
+        return jax.block_until_ready(self._step())
+
+    def result(self) -> BackendResult:
+        """Run once and return outputs and gradients as float32 NumPy."""
+        y, gp, gx = self.step()
+        to_np = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
+        grads = {k: to_np(v) for k, v in _flat(_unbox(gp)).items()}
+        grads["x"] = to_np(gx)
+        return BackendResult(outputs={"y": to_np(y)}, grads=grads, hlo_text=self.hlo_text)
 
 
 def _globalize(tree, mesh):
@@ -113,7 +129,7 @@ def _globalize(tree, mesh):
 
 
 # ------------------------------------------------------------------------------ TP adapters
-def _tp(case: Case, data: dict) -> BackendResult:
+def _tp(case: Case, data: dict) -> "Program":
     from jax_impl.tensor_parallel import TPAsyncDense, TPDense
 
     n = case.axis_size
@@ -128,14 +144,19 @@ def _tp(case: Case, data: dict) -> BackendResult:
         module = TPAsyncDense(dense_fn=dense_fn, model_axis_name="tp", tp_mode=mode,
                               use_bidirectional_gather=direction == "bi",
                               use_bidirectional_scatter=direction == "split")
-    return run_shard_mapped(module, mesh, case, data, P(None, "tp"), P(None, "tp"))
+    return build_shard_mapped(module, mesh, case, data, P(None, "tp"), P(None, "tp"))
 
 
 ADAPTERS = {"tpdense": _tp, "tpasync": _tp}
 
 
-def run(case: Case, data: dict) -> BackendResult:
-    """Run ``case`` on JAX with the weights, input and cotangent in ``data``."""
+def build(case: Case, data: dict) -> Program:
+    """Compile ``case``'s forward+backward program on JAX with the weights and input in ``data``."""
     if case.module not in ADAPTERS:
         raise ValueError(f"case.module={case.module!r}: no JAX adapter (have {sorted(ADAPTERS)})")
     return ADAPTERS[case.module](case, data)
+
+
+def run(case: Case, data: dict) -> BackendResult:
+    """Run ``case`` on JAX once: outputs, gradients and the compiled HLO text."""
+    return build(case, data).result()

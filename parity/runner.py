@@ -14,6 +14,7 @@ required on TPU, where two runtimes cannot share the chips).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -89,6 +90,9 @@ def load_backend(name: str):
 
         return jax_backend
     if name == "torch":
+        from torch_impl.mesh import enable_spmd
+
+        enable_spmd()
         from . import torch_backend
 
         return torch_backend
@@ -205,12 +209,13 @@ def _reversed_ring():
     import torch_impl.collectives as col
 
     original = col.ring_permute
+    sig = inspect.signature(original)
 
     def flipped(*args, **kwargs):
-        if "shift_up" in kwargs:
-            kwargs["shift_up"] = not kwargs["shift_up"]
-            return original(*args, **kwargs)
-        return original(*args, shift_up=False, **kwargs)
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        bound.arguments["shift_up"] = not bound.arguments["shift_up"]
+        return original(*bound.args, **bound.kwargs)
 
     patched = []
     for m in pkgutil.iter_modules(torch_impl.__path__):

@@ -54,3 +54,14 @@ def test_count_and_ring_pairs():
 
 def test_instruction_count():
     assert hlo.instruction_count(_TEXT) == 7
+
+
+def test_collectives_over_single_device_groups_move_no_data_and_are_skipped():
+    text = _TEXT + """
+  %ar1 = f32[8]{0} all-reduce(f32[8]{0} %z), channel_id=5, replica_groups={{0},{1},{2},{3}}, to_apply=%add
+  %ar2 = f32[8]{0} all-reduce(f32[8]{0} %z), channel_id=6, replica_groups=[4,1]<=[4], to_apply=%add
+  %cp3 = f32[8]{0} collective-permute(f32[8]{0} %z), channel_id=8, source_target_pairs={{0,0},{1,1}}
+"""
+    assert len(hlo.collectives(text)) == len(hlo.collectives(_TEXT)) == 5
+    assert len(hlo.collectives(text, include_trivial=True)) == 8
+    assert hlo.signature(text) == hlo.signature(_TEXT)

@@ -1,0 +1,132 @@
+"""The torch_xla side of the parity harness: builds each case's module and runs forward + backward.
+
+Twin of ``parity.jax_backend``. Layers run in torch's stacked view: a JAX global array ``[B, F]``
+whose features are sharded over the model axis (per device ``[B, F/n]``) is the tensor
+``[n, B, F/n]`` here, dim 0 sharded. Parameters load from the case data by name: the
+``state_dict`` keys are the JAX parameter paths joined by '.'.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from torch_impl import mesh as tmesh
+from torch_impl.configs import ParallelConfig
+
+from .cases import Case
+from .runner import BackendResult
+
+__all__ = ["run", "build", "Program", "ADAPTERS", "to_stacked", "from_stacked"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def to_stacked(x: np.ndarray, n: int) -> np.ndarray:
+    """JAX global ``[B, F]`` (features sharded n ways) -> stacked view ``[n, B, F/n]``."""
+    b, f = x.shape
+    return np.ascontiguousarray(x.reshape(b, n, f // n).transpose(1, 0, 2))
+
+
+def from_stacked(x: np.ndarray) -> np.ndarray:
+    """Stacked view ``[n, B, F/n]`` -> JAX global ``[B, F]``."""
+    n, b, f = x.shape
+    return np.ascontiguousarray(x.transpose(1, 0, 2).reshape(b, n * f))
+
+
+def _device_tensor(a: np.ndarray, dtype, mesh, axis_name: str | None, requires_grad=False):
+    t = torch.tensor(a, dtype=dtype, device=tmesh.xla_device())
+    if axis_name is not None:
+        tmesh.mark_stacked(t, mesh, axis_name)
+    return t.requires_grad_(requires_grad)
+
+
+class Program:
+    """A case's forward+backward on torch_xla, ready to run (also used by ``bench``)."""
+
+    def __init__(self, module: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor):
+        self.module, self.x, self.cot = module, x, cot
+        self._hlo_text: str | None = None
+
+    def _forward_backward(self):
+        self.module.zero_grad(set_to_none=True)
+        self.x.grad = None
+        y = self.module(self.x)
+        (y * self.cot).sum().backward()
+        return y
+
+    def _tensors(self, y):
+        params = [p for _, p in self.module.named_parameters()]
+        return [y, self.x.grad] + [p.grad for p in params if p.grad is not None]
+
+    @property
+    def hlo_text(self) -> str:
+        """HLO text of the compiled (partitioned) forward+backward program."""
+        if self._hlo_text is None:
+            y = self._forward_backward()
+            self._hlo_text = tmesh.compiled_hlo(self._tensors(y))
+            tmesh.sync()
+        return self._hlo_text
+
+    def step(self):
+        """Run forward+backward once and wait for the devices."""
+        y = self._forward_backward()
+        tmesh.sync(wait=True)
+        return y
+
+    def result(self) -> BackendResult:
+        """Run once and return outputs and gradients (JAX layout) as float32 NumPy."""
+        hlo_text = self.hlo_text
+        y = self.step()
+        to_np = lambda t: t.detach().to(torch.float32).cpu().numpy()  # noqa: E731
+        grads = {k: to_np(p.grad) for k, p in self.module.named_parameters() if p.grad is not None}
+        grads["x"] = from_stacked(to_np(self.x.grad))
+        return BackendResult(outputs={"y": from_stacked(to_np(y))}, grads=grads, hlo_text=hlo_text)
+
+
+def _load(module: torch.nn.Module, params: dict[str, np.ndarray]) -> None:
+    state = {k: torch.from_numpy(v) for k, v in params.items()}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"case weights do not match the torch module: missing {missing}, "
+                         f"unexpected {unexpected}")
+
+
+# ------------------------------------------------------------------------------ TP adapters
+def _tp(case: Case, data: dict) -> Program:
+    from torch_impl.tensor_parallel import TPAsyncDense, TPDense
+
+    n = case.axis_size
+    mesh = tmesh.create_mesh(ParallelConfig(model_axis_size=n))
+    dtype = _DTYPES[case.dtype]
+    mode, _, direction = case.variant.partition("-")
+    dense_out = case.out_features if (case.module == "tpdense" and mode == "scatter") or n == 1 \
+        else case.out_features // n
+    if case.module == "tpdense":
+        module = TPDense(case.in_features // n, dense_out, "tp", tp_mode=mode, mesh=mesh,
+                         seed=0, dtype=dtype)
+    else:
+        module = TPAsyncDense(case.in_features // n, dense_out, "tp", tp_mode=mode,
+                              use_bidirectional_gather=direction == "bi",
+                              use_bidirectional_scatter=direction == "split",
+                              mesh=mesh, seed=0, dtype=dtype)
+    _load(module, data["params"])
+    x = _device_tensor(to_stacked(data["inputs"]["x"], n), dtype, mesh, "tp", requires_grad=True)
+    cot = _device_tensor(to_stacked(data["cotangent"]["y"], n), dtype, mesh, "tp")
+    return Program(module, x, cot)
+
+
+ADAPTERS = {"tpdense": _tp, "tpasync": _tp}
+
+
+def build(case: Case, data: dict) -> Program:
+    """Build ``case``'s forward+backward program on torch_xla with the weights in ``data``."""
+    if case.module not in ADAPTERS:
+        raise ValueError(f"case.module={case.module!r}: no torch adapter (have {sorted(ADAPTERS)})")
+    tmesh.require_spmd()
+    return ADAPTERS[case.module](case, data)
+
+
+def run(case: Case, data: dict) -> BackendResult:
+    """Run ``case`` on torch_xla once: outputs, gradients and the compiled HLO text."""
+    return build(case, data).result()
