@@ -13,7 +13,8 @@ import torch
 from .configs import ParallelConfig, mesh_axis_names, mesh_axis_sizes
 
 __all__ = ["create_mesh", "check_axis", "require_spmd", "xla_device", "num_devices",
-           "mark_sharding", "check_on_device"]
+           "mark_sharding", "check_on_device", "axis_groups", "stacked_spec", "mark_stacked",
+           "manual_reduce_scatter", "compiled_hlo", "enable_spmd", "sync"]
 
 
 def _xla():
@@ -89,3 +90,111 @@ def mark_sharding(tensor: torch.Tensor, mesh, spec) -> torch.Tensor:
         raise ValueError(f"spec={spec!r} has {len(spec)} entries for a tensor of rank {tensor.dim()}")
     xs.mark_sharding(tensor, mesh, spec)
     return tensor
+
+
+# --------------------------------------------------------------------- stacked view helpers
+def axis_groups(mesh, axis_name: str) -> list[list[int]]:
+    """Device ids of each ring along ``axis_name``, one list per combination of the other axes.
+
+    E.g. mesh (dp, fsdp, pp, tp) = (2, 1, 1, 4) over devices 0..7 gives ``[[0, 1, 2, 3],
+    [4, 5, 6, 7]]`` for ``'tp'``: the replica groups JAX uses for a collective over that axis.
+    """
+    check_axis(mesh, axis_name)
+    names = tuple(mesh.axis_names)
+    ids = np.asarray(mesh.device_ids).reshape(tuple(mesh.mesh_shape))
+    ids = np.moveaxis(ids, names.index(axis_name), -1)
+    return ids.reshape(-1, ids.shape[-1]).tolist()
+
+
+def stacked_spec(rank: int, axis_name: str) -> tuple:
+    """Partition spec of a stacked-view tensor of ``rank`` dims: dim 0 over ``axis_name``."""
+    return (axis_name,) + (None,) * (rank - 1)
+
+
+def mark_stacked(tensor: torch.Tensor, mesh, axis_name: str) -> torch.Tensor:
+    """Shard dim 0 of ``tensor`` over ``axis_name``; every other mesh axis keeps it replicated."""
+    return mark_sharding(tensor, mesh, stacked_spec(tensor.dim(), axis_name))
+
+
+def manual_reduce_scatter(tensor: torch.Tensor, mesh, axis_name: str, dim: int) -> torch.Tensor:
+    """Sum the stacked-view ``tensor`` over dim 0 and scatter ``dim`` in blocks over ``axis_name``.
+
+    ``tensor`` is ``[n, ...]`` with dim 0 sharded over ``axis_name`` (size n). Inside a manual
+    sharding region each device holds ``[1, ...]`` and one ``reduce-scatter`` over the rings of
+    :func:`axis_groups` sums them and keeps block j of ``dim`` on device j; the result is
+    ``[n, ...]`` with ``dim`` divided by n, dim 0 sharded again. This is the op that
+    ``jax.lax.psum_scatter(tiled=True)`` emits; the automatic partitioner would instead emit an
+    all-reduce for the same global computation.
+    """
+    _, xs, _ = _xla()
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    n = check_axis(mesh, axis_name)
+    dim = dim % tensor.dim()
+    if dim == 0:
+        raise ValueError("dim=0: the scattered dim must not be the stacked device dim 0")
+    if tensor.shape[0] != n or tensor.shape[dim] % n:
+        raise ValueError(f"tensor of shape {tuple(tensor.shape)}: expected dim 0 of size {n} and "
+                         f"dim {dim} divisible by {n} (size of axis {axis_name!r})")
+    spec = stacked_spec(tensor.dim(), axis_name)
+    local = xs.enable_manual_sharding(tensor, spec, mesh=mesh).global_tensor
+    local = torch_xla._XLAC._xla_spmd_reduce_scatter(xm.REDUCE_SUM, local, 1.0, dim, n,
+                                                       axis_groups(mesh, axis_name))
+    full = list(tensor.shape)
+    full[dim] //= n
+    return xs.disable_manual_sharding(local, spec, tuple(full), mesh=mesh).global_tensor
+
+
+# ------------------------------------------------------------------------- compiled programs
+_POST_OPT_ENV = "XLA_DUMP_POST_OPTIMIZATIONS"
+
+
+def compiled_hlo(tensors) -> str:
+    """HLO text of the compiled, SPMD-partitioned program that computes ``tensors``.
+
+    Uses ``torch_xla._XLAC._get_xla_tensors_hlo`` with ``XLA_DUMP_POST_OPTIMIZATIONS=1``: torch_xla
+    then compiles the pending graph of ``tensors`` (partitioner and optimization passes included)
+    and prints the compiled module, whose collectives ``parity.hlo`` reads. Call it before the
+    tensors are materialized (``.cpu()``, ``torch_xla.sync()``), e.g. with the forward outputs and
+    the ``.grad`` of inputs and parameters after ``backward()`` to see forward plus backward.
+
+    torch_xla reads that variable ONCE per process, at the first ``_get_xla_tensors_hlo`` call:
+    this function sets it if unset, and raises RuntimeError if the process already made that
+    first call without it (then set ``XLA_DUMP_POST_OPTIMIZATIONS=1`` at process start).
+    """
+    import os
+
+    import torch_xla
+
+    if os.environ.get(_POST_OPT_ENV, "") in ("", "0", "false", "False"):
+        os.environ[_POST_OPT_ENV] = "1"
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        check_on_device(t, f"tensors[{i}]")
+    text = torch_xla._XLAC._get_xla_tensors_hlo(tensors)
+    header = text.split("\n", 1)[0]
+    if "is_scheduled=true" not in header:
+        raise RuntimeError(
+            "torch_xla returned the HLO before partitioning: it read XLA_DUMP_POST_OPTIMIZATIONS "
+            "before it was set (an earlier _get_xla_tensors_hlo call in this process). Set "
+            "XLA_DUMP_POST_OPTIMIZATIONS=1 in the environment at process start.")
+    return text
+
+
+# ------------------------------------------------------------------------------ runtime control
+def enable_spmd() -> None:
+    """Turn torch_xla SPMD mode on (idempotent); must run before any XLA tensor is created."""
+    _, _, xr = _xla()
+    if not xr.is_spmd():
+        xr.use_spmd()
+
+
+def sync(wait: bool = False) -> None:
+    """Compile and run the pending lazy graph; with ``wait``, block until the devices finish."""
+    torch_xla, _, _ = _xla()
+    torch_xla.sync()
+    if wait:
+        import torch_xla.core.xla_model as xm
+
+        xm.wait_device_ops()
