@@ -165,3 +165,19 @@ register(ModuleSpec(
     name="tpasync", variants=("gather-uni", "gather-bi", "scatter-uni", "scatter-split"),
     param_shapes=_tp_shapes, input_shape=lambda c: (c.batch, c.in_features),
     output_shape=lambda c: (c.batch, c.out_features)))
+
+
+# ------------------------------------------------------------------------- ParallelLinear
+# Global tensors on both backends: input [B, in], output [B, out]; parameters kernel [in, out]
+# and bias [out]. Variant = direction-method; option rso = reduce_scatter_output (0/1).
+LINEAR_METHODS = {"plain": "plain", "ag": "all_gather_matmul",
+                  "agbi": "all_gather_matmul_bidirectional", "rs": "reduce_scatter_matmul",
+                  "rsbi": "reduce_scatter_matmul_bidirectional"}
+
+register(ModuleSpec(
+    name="linear",
+    variants=("column-plain", "column-ag", "column-agbi", "row-plain", "row-rs", "row-rsbi"),
+    param_shapes=lambda c: {"kernel": (c.in_features, c.out_features), "bias": (c.out_features,)},
+    input_shape=lambda c: (c.batch, c.in_features),
+    output_shape=lambda c: (c.batch, c.out_features),
+    extras=lambda variant: [(("rso", 0),), (("rso", 1),)]))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 __all__ = ["COLLECTIVE_KINDS", "Collective", "collectives", "signature", "count", "ring_pairs",
            "instruction_count", "communication_bytes"]
 
+
 COLLECTIVE_KINDS = (
     "collective-permute", "all-gather", "all-reduce", "reduce-scatter", "all-to-all",
     "collective-broadcast",
@@ -44,6 +45,28 @@ class Collective:
     pairs: tuple[tuple[int, int], ...] = ()
     replica_groups: str = ""
     result_bytes: int = 0
+
+    @property
+    def group_size(self) -> int:
+        """Devices per replica group (2 for a permute pair; 0 if the groups are not printed)."""
+        if self.pairs:
+            return 2
+        iota = re.fullmatch(r"\[(\d+),(\d+)\]<=.*", self.replica_groups)
+        if iota:
+            return int(iota.group(2))
+        first = re.search(r"\{([\d,]+)\}", self.replica_groups)
+        return len(first.group(1).split(",")) if first else 0
+
+    @property
+    def operand_bytes(self) -> int:
+        """Bytes of the op's operand on one device (all-gather: result / group; reduce-scatter:
+        result x group; the others: the result size)."""
+        g = self.group_size or 1
+        if self.kind == "all-gather":
+            return self.result_bytes // g
+        if self.kind == "reduce-scatter":
+            return self.result_bytes * g
+        return self.result_bytes
 
     def key(self) -> tuple:
         """Comparison key: kind, pairs and replica groups (sizes and channel ids excluded)."""
@@ -142,5 +165,5 @@ def instruction_count(hlo_text: str) -> int:
 
 
 def communication_bytes(hlo_text: str) -> int:
-    """Sum of collective result sizes in bytes (per device) over the program."""
-    return sum(op.result_bytes for op in collectives(hlo_text))
+    """Sum of collective operand sizes in bytes (per device) over the program."""
+    return sum(op.operand_bytes for op in collectives(hlo_text))

@@ -93,15 +93,17 @@ def build_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, 
         return y, gp, gx
 
     compiled = jax.jit(fwd_bwd).lower(params, x, cot).compile()
-    return Program(lambda: compiled(params, x, cot), compiled.as_text(), compiled)
+    fwd_text = jax.jit(forward).lower(params, x).compile().as_text()
+    return Program(lambda: compiled(params, x, cot), compiled.as_text(), fwd_text, compiled)
 
 
 class Program:
     """A compiled forward+backward program of a case, ready to run (also used by ``bench``)."""
 
-    def __init__(self, step, hlo_text: str, compiled=None):
+    def __init__(self, step, hlo_text: str, fwd_hlo_text: str, compiled=None):
         self._step = step
         self.hlo_text = hlo_text
+        self.fwd_hlo_text = fwd_hlo_text
         self.compiled = compiled
 
     def step(self):
@@ -114,7 +116,8 @@ class Program:
         to_np = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
         grads = {k: to_np(v) for k, v in _flat(_unbox(gp)).items()}
         grads["x"] = to_np(gx)
-        return BackendResult(outputs={"y": to_np(y)}, grads=grads, hlo_text=self.hlo_text)
+        return BackendResult(outputs={"y": to_np(y)}, grads=grads, hlo_text=self.hlo_text,
+                             fwd_hlo_text=self.fwd_hlo_text)
 
 
 def _globalize(tree, mesh):
@@ -147,7 +150,43 @@ def _tp(case: Case, data: dict) -> "Program":
     return build_shard_mapped(module, mesh, case, data, P(None, "tp"), P(None, "tp"))
 
 
-ADAPTERS = {"tpdense": _tp, "tpasync": _tp}
+# -------------------------------------------------------------------------- linear adapter
+def _linear(case: Case, data: dict) -> Program:
+    from flax import nnx
+
+    from jax_impl.linear import ColumnParallelLinear, RowParallelLinear, TensorParallelConfig
+
+    from .cases import LINEAR_METHODS
+
+    direction, _, method = case.variant.partition("-")
+    mesh = create_mesh(ParallelConfig(model_axis_size=case.axis_size))
+    cfg = TensorParallelConfig(mesh=mesh, axis_name="tp", matmul_method=LINEAR_METHODS[method],
+                               reduce_scatter_output=bool(case.option("rso")))
+    cls = ColumnParallelLinear if direction == "column" else RowParallelLinear
+    dtype = _DTYPES[case.dtype]
+    layer = cls(case.in_features, case.out_features, dtype=dtype, param_dtype=dtype,
+                parallel_config=cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    for name in ("kernel", "bias"):
+        value = jnp.asarray(data["params"][name], dtype=dtype)
+        state[name].value = jax.device_put(value, state[name].value.sharding)
+    x = jnp.asarray(data["inputs"]["x"], dtype=dtype)
+    cot = jnp.asarray(data["cotangent"]["y"], dtype=dtype)
+
+    def forward(st, xg):
+        return nnx.merge(graphdef, st)(xg)
+
+    def fwd_bwd(st, xg, ct):
+        y, vjp = jax.vjp(forward, st, xg)
+        gs, gx = vjp(ct)
+        return y, {k: gs[k].value for k in ("kernel", "bias")}, gx
+
+    compiled = jax.jit(fwd_bwd).lower(state, x, cot).compile()
+    fwd_text = jax.jit(forward).lower(state, x).compile().as_text()
+    return Program(lambda: compiled(state, x, cot), compiled.as_text(), fwd_text, compiled)
+
+
+ADAPTERS = {"tpdense": _tp, "tpasync": _tp, "linear": _linear}
 
 
 def build(case: Case, data: dict) -> Program:

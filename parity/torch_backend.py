@@ -44,9 +44,12 @@ def _device_tensor(a: np.ndarray, dtype, mesh, axis_name: str | None, requires_g
 class Program:
     """A case's forward+backward on torch_xla, ready to run (also used by ``bench``)."""
 
-    def __init__(self, module: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor):
-        self.module, self.x, self.cot = module, x, cot
+    def __init__(self, module: torch.nn.Module, x: torch.Tensor, cot: torch.Tensor,
+                 to_global=from_stacked):
+        """``to_global`` maps the module's output / input-gradient layout to JAX's global one."""
+        self.module, self.x, self.cot, self.to_global = module, x, cot, to_global
         self._hlo_text: str | None = None
+        self._fwd_hlo_text: str | None = None
 
     def _forward_backward(self):
         self.module.zero_grad(set_to_none=True)
@@ -68,6 +71,16 @@ class Program:
             tmesh.sync()
         return self._hlo_text
 
+    @property
+    def fwd_hlo_text(self) -> str:
+        """HLO text of the compiled (partitioned) forward program alone."""
+        if self._fwd_hlo_text is None:
+            with torch.no_grad():
+                y = self.module(self.x)
+            self._fwd_hlo_text = tmesh.compiled_hlo([y])
+            tmesh.sync()
+        return self._fwd_hlo_text
+
     def step(self):
         """Run forward+backward once and wait for the devices."""
         y = self._forward_backward()
@@ -76,12 +89,13 @@ class Program:
 
     def result(self) -> BackendResult:
         """Run once and return outputs and gradients (JAX layout) as float32 NumPy."""
-        hlo_text = self.hlo_text
+        fwd_hlo_text, hlo_text = self.fwd_hlo_text, self.hlo_text
         y = self.step()
         to_np = lambda t: t.detach().to(torch.float32).cpu().numpy()  # noqa: E731
         grads = {k: to_np(p.grad) for k, p in self.module.named_parameters() if p.grad is not None}
-        grads["x"] = from_stacked(to_np(self.x.grad))
-        return BackendResult(outputs={"y": from_stacked(to_np(y))}, grads=grads, hlo_text=hlo_text)
+        grads["x"] = self.to_global(to_np(self.x.grad))
+        return BackendResult(outputs={"y": self.to_global(to_np(y))}, grads=grads, hlo_text=hlo_text,
+                             fwd_hlo_text=fwd_hlo_text)
 
 
 def _load(module: torch.nn.Module, params: dict[str, np.ndarray]) -> None:

@@ -25,7 +25,8 @@ def save_result(out_dir: str, case: Case, res) -> None:
     arrays.update({f"grad:{k}": v for k, v in res.grads.items()})
     np.savez(os.path.join(out_dir, f"{case.id}.npz"), **arrays)
     with open(os.path.join(out_dir, f"{case.id}.json"), "w") as f:
-        json.dump({"hlo_text": res.hlo_text, "seconds": res.seconds, "error": res.error}, f)
+        json.dump({"hlo_text": res.hlo_text, "fwd_hlo_text": res.fwd_hlo_text,
+                   "seconds": res.seconds, "error": res.error}, f)
 
 
 def load_result(out_dir: str, case: Case):
@@ -37,7 +38,8 @@ def load_result(out_dir: str, case: Case):
         return BackendResult(error=f"no result file for {case.id} in {out_dir}")
     with open(meta_path) as f:
         meta = json.load(f)
-    res = BackendResult(hlo_text=meta["hlo_text"], seconds=meta["seconds"], error=meta["error"])
+    res = BackendResult(hlo_text=meta["hlo_text"], fwd_hlo_text=meta["fwd_hlo_text"],
+                        seconds=meta["seconds"], error=meta["error"])
     with np.load(os.path.join(out_dir, f"{case.id}.npz")) as z:
         for name in z.files:
             kind, key = name.split(":", 1)

@@ -22,6 +22,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["PJRT_DEVICE"] = "CPU"
 os.environ["CPU_NUM_DEVICES"] = str(NUM_DEVICES)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# torch_xla reads this once per process; with it, torch_impl.mesh.compiled_hlo returns the
+# compiled, SPMD-partitioned program (the collectives the tests compare).
+os.environ.setdefault("XLA_DUMP_POST_OPTIMIZATIONS", "1")
 
 _HERE = pathlib.Path(__file__).parent
 

@@ -31,7 +31,10 @@ def test_collectives_in_program_order_with_pairs_and_bytes():
     assert ops[2].replica_groups == "{{0,1,2,3}}"
     assert ops[3].replica_groups == "[2,4]<=[8]"
     assert [op.result_bytes for op in ops] == [32, 32, 64, 32, 8]
-    assert hlo.communication_bytes(_TEXT) == 168
+    assert [op.group_size for op in ops] == [2, 2, 4, 4, 4]
+    # operand bytes: all-gather sends its [2,4] bf16 input (16 B), reduce-scatter its [2,4] f32
+    assert [op.operand_bytes for op in ops] == [32, 32, 16, 32, 32]
+    assert hlo.communication_bytes(_TEXT) == 144
 
 
 def test_signature_ignores_channel_ids_but_not_pairs():

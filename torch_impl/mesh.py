@@ -163,6 +163,7 @@ def compiled_hlo(tensors) -> str:
     this function sets it if unset, and raises RuntimeError if the process already made that
     first call without it (then set ``XLA_DUMP_POST_OPTIMIZATIONS=1`` at process start).
     """
+    import gc
     import os
 
     import torch_xla
@@ -172,7 +173,16 @@ def compiled_hlo(tensors) -> str:
     tensors = list(tensors)
     for i, t in enumerate(tensors):
         check_on_device(t, f"tensors[{i}]")
-    text = torch_xla._XLAC._get_xla_tensors_hlo(tensors)
+    # Collect garbage first and keep the cyclic collector off while torch_xla compiles: XLA tensors
+    # freed by a collection inside this call crashed the process (measured in long test runs).
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        text = torch_xla._XLAC._get_xla_tensors_hlo(tensors)
+    finally:
+        if enabled:
+            gc.enable()
     header = text.split("\n", 1)[0]
     if "is_scheduled=true" not in header:
         raise RuntimeError(
