@@ -1,0 +1,197 @@
+"""GPipe pipeline parallelism (API of xlstm-jax ``distributed.pipeline_parallel``).
+
+All functions are per-device code: call them inside ``jax.shard_map`` over a mesh that has the
+axis ``model_axis_name`` (the pipeline axis, size p). Device s of that axis holds stage s: the
+stage module's parameters differ per device (e.g. wrap the stage in
+:class:`jax_impl.tensor_parallel.ModelParallelismWrapper` over the pipeline axis).
+
+Schedule (the same in ``torch_impl.pipeline_parallel``): the per-device batch ``x`` of shape
+``[B, ...]`` is split into ``m = num_microbatches`` micro-batches of ``B/m`` rows (rows
+``i*B/m .. (i+1)*B/m`` form micro-batch i). The loop has ``m + p - 1`` steps; at step t stage s
+runs micro-batch ``t - s`` (a zero micro-batch when ``t - s`` is outside ``[0, m)``: the bubble).
+Stage 0 reads micro-batch t from the input, every other stage reads the state its predecessor
+sent at step t-1. After each step the state moves one stage up the ring with one cyclic
+``ppermute`` (pairs ``(s, s+1 mod p)``), so a program has exactly one forward permute per step
+(one in the body of the scan loop) and one backward permute (its transpose, pairs
+``(s+1 mod p, s)``). The output is the last stage's result, ``[B, ...]`` in input row order, on
+the last device of the axis, and zeros on the other devices.
+
+The loop is an ``nn.scan``: parameters are broadcast (the same on every step), ``dropout`` rngs
+are split per step, extra ``*args`` / ``**kwargs`` are passed unchanged to the stage on every
+step. The compiled program therefore does not grow with the number of micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .collectives import axis_index, ring_permute
+from .mesh import axis_size
+
+__all__ = ["execute_pipeline_step", "execute_pipeline", "PipelineModule"]
+
+
+def _check_num_microbatches(num_microbatches) -> None:
+    if (not isinstance(num_microbatches, int) or isinstance(num_microbatches, bool)
+            or num_microbatches < 1):
+        raise ValueError(f"num_microbatches={num_microbatches!r}: expected an int >= 1")
+
+
+def _num_stages(model_axis_name: str) -> int:
+    """Size of the pipeline axis; ValueError naming ``model_axis_name`` if it is not bound."""
+    try:
+        return axis_size(model_axis_name)
+    except ValueError as exc:
+        raise ValueError(f"model_axis_name={model_axis_name!r} is not bound: call inside "
+                         f"shard_map over a mesh with that axis") from exc
+
+
+def _varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """``x`` typed as varying over ``axis_name`` (a no-op if it already is, or without vma)."""
+    if axis_name in getattr(jax.typeof(x), "vma", frozenset()):
+        return x
+    return jax.lax.pcast(x, (axis_name,), to="varying")
+
+
+def execute_pipeline_step(
+    module: nn.Module,
+    state: jax.Array,
+    input: jax.Array,  # noqa: A002  (name of the xlstm-jax API)
+    *args,
+    model_axis_name: str,
+    **kwargs,
+) -> tuple[jax.Array, jax.Array]:
+    """Single micro-batch pipeline step.
+
+    Args:
+        module: Flax module representing the stage to execute (this device's stage).
+        state: Last communicated features between stages. Used as input to the module for all
+            stages except the first.
+        input: Original micro-batch input to the pipeline stage. Used as input to the module for
+            the first stage. Same shape and dtype as ``state``.
+        *args: Additional arguments to the module.
+        model_axis_name: Name of the model (pipeline) axis in the mesh/shard_map.
+        **kwargs: Additional keyword arguments to the module.
+
+    Returns:
+        Tuple of the new state (after communication: this device now holds its predecessor's
+        result) and the output of the module (the module's result on the last stage, zeros on
+        the other stages).
+
+    Raises:
+        ValueError: if ``model_axis_name`` is not bound, or the module's output shape or dtype
+            differs from its input's (a stage must map ``[b, ...]`` to the same shape).
+    """
+    num_stages = _num_stages(model_axis_name)
+    stage_index = axis_index(model_axis_name)
+    if state.shape != input.shape or state.dtype != input.dtype:
+        raise ValueError(f"input has shape {input.shape} and dtype {input.dtype}: expected the "
+                         f"shape {state.shape} and dtype {state.dtype} of state")
+    # Stage 0 reads the micro-batch; the others read what the previous stage sent.
+    h = jnp.where(stage_index == 0, input, state)
+    h = module(h, *args, **kwargs)
+    if not hasattr(h, "shape") or h.shape != state.shape or h.dtype != state.dtype:
+        raise ValueError(
+            f"module output has shape {getattr(h, 'shape', type(h).__name__)} and dtype "
+            f"{getattr(h, 'dtype', None)}: expected the shape {state.shape} and dtype "
+            f"{state.dtype} of its input (pipeline stages must preserve the shape)")
+    output = jnp.where(stage_index == num_stages - 1, h, jnp.zeros_like(h))
+    new_state = ring_permute(h, model_axis_name, shift_up=True)
+    return new_state, output
+
+
+@jax.named_scope("pipeline")
+def execute_pipeline(
+    module: nn.Module,
+    x: jax.Array,
+    *args,
+    num_microbatches: int,
+    model_axis_name: str,
+    **kwargs,
+) -> jax.Array:
+    """Execute a pipeline of stages on a batch of data (GPipe schedule, see module docstring).
+
+    Args:
+        module: Flax module representing the pipeline stage to execute.
+        x: Batch of input data ``[B, ...]``, only needed on the device of the first stage. It is
+            split into ``num_microbatches`` micro-batches along the first dimension.
+        *args: Additional arguments to the module (the same on every step).
+        num_microbatches: Number of micro-batches to split the batch into (>= 1).
+        model_axis_name: Name of the model (pipeline) axis in the mesh/shard_map.
+        **kwargs: Additional keyword arguments to the module.
+
+    Returns:
+        Output of the last stage of the pipeline, ``[B, ...]``. For devices that are not the last
+        stage, the output is zeros.
+
+    Raises:
+        ValueError: if ``num_microbatches`` < 1, ``B`` is not divisible by it, the axis is not
+            bound, or the stage changes the shape of its input.
+    """
+    _check_num_microbatches(num_microbatches)
+    num_stages = _num_stages(model_axis_name)
+    if x.ndim < 1:
+        raise ValueError(f"x has shape {x.shape}: expected a batch dimension first")
+    batch_size = x.shape[0]
+    if batch_size % num_microbatches:
+        raise ValueError(f"x.shape[0]={batch_size}: expected the batch size to be divisible by "
+                         f"num_microbatches={num_microbatches}")
+    microbatch_size = batch_size // num_microbatches
+    microbatches = jnp.reshape(x, (num_microbatches, microbatch_size, *x.shape[1:]))
+    # Zero micro-batches feed stage 0 while the last micro-batches drain (the bubble).
+    inputs = jnp.concatenate(
+        [microbatches,
+         jnp.zeros((num_stages - 1, *microbatches.shape[1:]), dtype=microbatches.dtype)],
+        axis=0)
+    # The state differs per stage after the first permute: mark the initial carry as varying over
+    # the pipeline axis so that scan's carry types match under shard_map(check_vma=True).
+    state = _varying(jnp.zeros_like(microbatches[0]), model_axis_name)
+
+    def step(mdl, carry, inp):
+        return execute_pipeline_step(mdl, carry, inp, *args, model_axis_name=model_axis_name,
+                                     **kwargs)
+
+    _, outputs = nn.scan(
+        step,
+        variable_broadcast={"params": True},
+        split_rngs={"params": False, "dropout": True},
+        length=inputs.shape[0],
+        in_axes=0,
+        out_axes=0,
+    )(module, state, inputs)
+    # Step t emits micro-batch t-(p-1) on the last stage: the first p-1 outputs are bubble zeros.
+    outputs = outputs[num_stages - 1:]
+    return jnp.reshape(outputs, (batch_size, *outputs.shape[2:]))
+
+
+class PipelineModule(nn.Module):
+    """Module wrapper for executing a pipeline of stages.
+
+    This module is used to wrap a stage of a pipeline to execute in pipeline parallelism:
+    ``PipelineModule(...)(x, *args, **kwargs)`` is ``execute_pipeline(module_fn(), x, *args,
+    num_microbatches=..., model_axis_name=..., **kwargs)``.
+
+    Attributes:
+        model_axis_name: Name of the model (pipeline) axis in the mesh/shard_map.
+        num_microbatches: Number of micro-batches to split the batch into.
+        module_fn: Function that returns the module to execute in the pipeline.
+    """
+
+    model_axis_name: str
+    num_microbatches: int
+    module_fn: Callable[..., nn.Module]
+
+    @nn.compact
+    def __call__(self, *args, **kwargs):
+        """Run the pipeline on ``args[0]`` (the batch); other arguments go to every stage call."""
+        _check_num_microbatches(self.num_microbatches)
+        if not args:
+            raise ValueError("PipelineModule: expected the batch x as first positional argument")
+        module = self.module_fn()
+        return execute_pipeline(module, *args, num_microbatches=self.num_microbatches,
+                                model_axis_name=self.model_axis_name, **kwargs)
+
