@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-__all__ = ["COLLECTIVE_KINDS", "Collective", "collectives", "signature", "count", "ring_pairs",
+__all__ = ["COLLECTIVE_KINDS", "Collective", "canonical_groups", "collectives", "signature", "count", "ring_pairs",
            "instruction_count", "communication_bytes"]
 
 
@@ -51,9 +51,6 @@ class Collective:
         """Devices per replica group (2 for a permute pair; 0 if the groups are not printed)."""
         if self.pairs:
             return 2
-        iota = re.fullmatch(r"\[(\d+),(\d+)\]<=.*", self.replica_groups)
-        if iota:
-            return int(iota.group(2))
         first = re.search(r"\{([\d,]+)\}", self.replica_groups)
         return len(first.group(1).split(",")) if first else 0
 
@@ -86,6 +83,51 @@ def _bytes_of(type_text: str) -> int:
     return total
 
 
+def canonical_groups(text: str) -> str:
+    """Replica groups in one explicit, sorted form: ``{{0,1},{2,3}}``.
+
+    XLA prints groups either explicitly (``{{0,4},{1,5}}``) or in iota form (``[2,4]<=[8]``,
+    ``[4,2]<=[2,4]T(1,0)``); the two front ends may choose differently for the same groups.
+    """
+    if not text:
+        return ""
+    iota = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)
+    if iota:
+        shape = [int(v) for v in iota.group(1).split(",")]
+        dims = [int(v) for v in iota.group(2).split(",")]
+        total = 1
+        for d in dims:
+            total *= d
+        ids = list(range(total))
+        if iota.group(3):
+            perm = [int(v) for v in iota.group(3).split(",")]
+            ids = _transpose(ids, dims, perm)
+        size = shape[-1]
+        groups = [ids[i:i + size] for i in range(0, len(ids), size)]
+    else:
+        groups = [[int(v) for v in g.split(",") if v] for g in re.findall(r"\{([\d,]*)\}", text)]
+    groups = sorted(sorted(g) for g in groups)
+    return "{" + ",".join("{" + ",".join(map(str, g)) + "}" for g in groups) + "}"
+
+
+def _transpose(ids: list[int], dims: list[int], perm: list[int]) -> list[int]:
+    """Row-major ``ids`` of shape ``dims`` transposed by ``perm``, flattened row-major."""
+    strides = [1] * len(dims)
+    for i in range(len(dims) - 2, -1, -1):
+        strides[i] = strides[i + 1] * dims[i + 1]
+    new_dims = [dims[p] for p in perm]
+    out = []
+    index = [0] * len(new_dims)
+    for _ in range(len(ids)):
+        out.append(ids[sum(index[k] * strides[perm[k]] for k in range(len(perm)))])
+        for k in range(len(new_dims) - 1, -1, -1):
+            index[k] += 1
+            if index[k] < new_dims[k]:
+                break
+            index[k] = 0
+    return out
+
+
 def _trivial(groups: str, pairs) -> bool:
     """True for a collective that moves no data: every replica group has one device, or every
     permute pair sends a device to itself."""
@@ -93,9 +135,6 @@ def _trivial(groups: str, pairs) -> bool:
         return all(a == b for a, b in pairs)
     if not groups:
         return False
-    iota = re.fullmatch(r"\[(\d+),(\d+)\]<=.*", groups)
-    if iota:
-        return int(iota.group(2)) == 1
     return all(len(g.split(",")) == 1 for g in re.findall(r"\{([\d,]+)\}", groups))
 
 
@@ -117,7 +156,7 @@ def collectives(hlo_text: str, include_trivial: bool = False) -> list[Collective
             pairs = tuple(sorted(tuple(int(v) for v in p.split(","))
                                  for p in re.findall(r"\{(\d+,\d+)\}", pairs_m.group("body"))))
         groups_m = _GROUPS.search(line)
-        groups = groups_m.group("v") if groups_m else ""
+        groups = canonical_groups(groups_m.group("v")) if groups_m else ""
         if not include_trivial and _trivial(groups, pairs):
             continue
         rtype = m.group("rtype")
@@ -130,10 +169,21 @@ def collectives(hlo_text: str, include_trivial: bool = False) -> list[Collective
     return out
 
 
-def signature(hlo_text_or_ops) -> Counter:
-    """Multiset of (kind, pairs, replica_groups) of a program: what 'same communication' means."""
+def signature(hlo_text_or_ops, merge_all_reduces: bool = False) -> Counter:
+    """Multiset of (kind, pairs, replica_groups) of a program: what 'same communication' means.
+
+    With ``merge_all_reduces`` every all-reduce over the same groups counts once: XLA's
+    all-reduce combiner merges independent reductions (e.g. of a kernel's and a bias's gradients)
+    into one tuple op or not by heuristics that differ between front ends, while the data and the
+    groups are the same.
+    """
     ops = collectives(hlo_text_or_ops) if isinstance(hlo_text_or_ops, str) else hlo_text_or_ops
-    return Counter(op.key() for op in ops)
+    sig = Counter(op.key() for op in ops)
+    if merge_all_reduces:
+        for key in sig:
+            if key[0] == "all-reduce":
+                sig[key] = 1
+    return sig
 
 
 def count(hlo_text: str, kind: str) -> int:

@@ -67,7 +67,8 @@ def _unbox(tree):
                         is_leaf=lambda v: isinstance(v, nn.Partitioned))
 
 
-def build_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, y_spec):
+def build_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, y_spec,
+                       post=None):
     """Init-shape and fill ``module``'s params; compile forward + vjp under shard_map."""
     dtype = _DTYPES[case.dtype]
     x = jnp.asarray(data["inputs"]["x"], dtype=dtype)
@@ -84,7 +85,11 @@ def build_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, 
     params = _fill(_globalize(abstract_local, mesh), data["params"], dtype)  # stays boxed
 
     def forward(p, xg):
-        return jax.shard_map(lambda pl, xl: module.apply({"params": pl}, xl), mesh=mesh,
+        def body(pl, xl):
+            y = module.apply({"params": pl}, xl)
+            return post(y) if post is not None else y
+
+        return jax.shard_map(body, mesh=mesh,
                              in_specs=(specs, x_spec), out_specs=y_spec, check_vma=True)(p, xg)
 
     def fwd_bwd(p, xg, ct):
@@ -186,7 +191,35 @@ def _linear(case: Case, data: dict) -> Program:
     return Program(lambda: compiled(state, x, cot), compiled.as_text(), fwd_text, compiled)
 
 
-ADAPTERS = {"tpdense": _tp, "tpasync": _tp, "linear": _linear}
+# ------------------------------------------------------------------------ pipeline adapter
+class PipelineStage(nn.Module):
+    """The parity pipeline stage: tanh(Dense(features)) (twin: torch_backend.PipelineStage)."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Dense(self.features, dtype=x.dtype, param_dtype=x.dtype)(x))
+
+
+def _pipeline(case: Case, data: dict) -> Program:
+    from jax_impl.pipeline_parallel import PipelineModule
+    from jax_impl.tensor_parallel import ModelParallelismWrapper
+
+    p = case.axis_size
+    mesh = create_mesh(ParallelConfig(pipeline_axis_size=p))
+    stage = functools.partial(ModelParallelismWrapper, model_axis_name="pp",
+                              module_fn=functools.partial(PipelineStage, features=case.in_features))
+    model = PipelineModule(model_axis_name="pp", num_microbatches=case.option("microbatches"),
+                           module_fn=stage)
+
+    batch = P(("dp", "fsdp"))
+    # The output lives on the last stage only (zeros elsewhere): psum over the stages.
+    return build_shard_mapped(model, mesh, case, data, batch, batch,
+                              post=lambda y: jax.lax.psum(y, "pp"))
+
+
+ADAPTERS = {"tpdense": _tp, "tpasync": _tp, "linear": _linear, "pipeline": _pipeline}
 
 
 def build(case: Case, data: dict) -> Program:

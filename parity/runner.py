@@ -153,13 +153,15 @@ def compare(case: Case, ref: BackendResult, got: BackendResult) -> CaseReport:
         reasons.append(f"grad error {rep.grad_rel:.3g} ({rep.worst_grad}) > tolerance {case.tol:g}")
     # Forward+backward as a multiset, plus the forward program alone: XLA's scheduler orders the
     # backward's ops differently per front end, but the forward's pairs pin each ring's direction.
+    # All-reduces over the same groups count once (the combiner merges them by heuristics).
     details = []
     for what, a, b in (("forward+backward", ref.hlo_text, got.hlo_text),
                        ("forward", ref.fwd_hlo_text, got.fwd_hlo_text)):
         if not (a and b):
             details.append(f"{what}: missing HLO")
             continue
-        sig_ref, sig_got = hlo.signature(a), hlo.signature(b)
+        sig_ref = hlo.signature(a, merge_all_reduces=True)
+        sig_got = hlo.signature(b, merge_all_reduces=True)
         if what == "forward+backward":
             rep.num_collectives = sum(sig_ref.values())
         if sig_ref != sig_got:
@@ -203,9 +205,10 @@ def plant_defect(case: Case, data: dict, defect: str | None) -> tuple[Case, dict
         if not m:
             raise ValueError(f"case {case.id} is not a pipeline case (no micro-batches)")
         x = data["inputs"]["x"].copy()
-        mb = x.shape[0] // m
-        x[mb * (m - 1):] = 0.0  # the last micro-batch never enters the pipeline
-        data["inputs"]["x"] = x
+        shards = 8 // case.axis_size  # data-parallel shards of the case's 8-device mesh
+        rows = x.reshape(shards, m, -1, x.shape[-1])
+        rows[:, m - 1] = 0.0  # every shard's last micro-batch never enters the pipeline
+        data["inputs"]["x"] = rows.reshape(x.shape)
     elif defect == "wrong_tolerance":
         case = replace(case, tolerance=0.5)
     return case, data

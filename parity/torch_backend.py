@@ -130,7 +130,62 @@ def _tp(case: Case, data: dict) -> Program:
     return Program(module, x, cot)
 
 
-ADAPTERS = {"tpdense": _tp, "tpasync": _tp}
+# -------------------------------------------------------------------------- linear adapter
+def _linear(case: Case, data: dict) -> Program:
+    from torch_impl.linear import ColumnParallelLinear, RowParallelLinear, TensorParallelConfig
+
+    from .cases import LINEAR_METHODS
+
+    direction, _, method = case.variant.partition("-")
+    mesh = tmesh.create_mesh(ParallelConfig(model_axis_size=case.axis_size))
+    cfg = TensorParallelConfig(mesh=mesh, axis_name="tp", matmul_method=LINEAR_METHODS[method],
+                               reduce_scatter_output=bool(case.option("rso")))
+    cls = ColumnParallelLinear if direction == "column" else RowParallelLinear
+    dtype = _DTYPES[case.dtype]
+    layer = cls(case.in_features, case.out_features, dtype=dtype, param_dtype=dtype,
+                parallel_config=cfg)
+    _load(layer, data["params"])
+    x = _device_tensor(data["inputs"]["x"], dtype, mesh, None, requires_grad=True)
+    cot = _device_tensor(data["cotangent"]["y"], dtype, mesh, None)
+    return Program(layer, x, cot, to_global=lambda a: a)
+
+
+# ------------------------------------------------------------------------ pipeline adapter
+class PipelineStage(torch.nn.Module):
+    """The parity pipeline stage: tanh(Dense(features)) (twin: jax_backend.PipelineStage)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        from torch_impl.tensor_parallel import Dense
+
+        self.Dense_0 = Dense(features, features)
+
+    def forward(self, x):
+        return torch.tanh(self.Dense_0(x))
+
+
+def _pipeline(case: Case, data: dict) -> Program:
+    import functools
+
+    from torch_impl.pipeline_parallel import PipelineModule
+
+    p = case.axis_size
+    mesh = tmesh.create_mesh(ParallelConfig(pipeline_axis_size=p))
+    dtype = _DTYPES[case.dtype]
+    model = PipelineModule("pp", case.option("microbatches"),
+                           functools.partial(PipelineStage, case.in_features), mesh=mesh)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in data["params"].items()})
+    model.to(dtype)
+    model.stage.shard_()
+    batch = ("dp", "fsdp")
+    x = torch.tensor(data["inputs"]["x"], dtype=dtype, device=tmesh.xla_device())
+    tmesh.mark_sharding(x, mesh, (batch, None))
+    cot = torch.tensor(data["cotangent"]["y"], dtype=dtype, device=tmesh.xla_device())
+    tmesh.mark_sharding(cot, mesh, (batch, None))
+    return Program(model, x.requires_grad_(True), cot, to_global=lambda a: a)
+
+
+ADAPTERS = {"tpdense": _tp, "tpasync": _tp, "linear": _linear, "pipeline": _pipeline}
 
 
 def build(case: Case, data: dict) -> Program:

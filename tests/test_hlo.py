@@ -29,7 +29,7 @@ def test_collectives_in_program_order_with_pairs_and_bytes():
     assert ops[0].pairs == ((0, 1), (1, 2), (2, 3), (3, 0))
     assert ops[1].pairs == ((0, 3), (1, 0), (2, 1), (3, 2))  # sorted
     assert ops[2].replica_groups == "{{0,1,2,3}}"
-    assert ops[3].replica_groups == "[2,4]<=[8]"
+    assert ops[3].replica_groups == "{{0,1,2,3},{4,5,6,7}}"  # iota form made explicit
     assert [op.result_bytes for op in ops] == [32, 32, 64, 32, 8]
     assert [op.group_size for op in ops] == [2, 2, 4, 4, 4]
     # operand bytes: all-gather sends its [2,4] bf16 input (16 B), reduce-scatter its [2,4] f32
@@ -68,3 +68,23 @@ def test_collectives_over_single_device_groups_move_no_data_and_are_skipped():
     assert len(hlo.collectives(text)) == len(hlo.collectives(_TEXT)) == 5
     assert len(hlo.collectives(text, include_trivial=True)) == 8
     assert hlo.signature(text) == hlo.signature(_TEXT)
+
+
+@pytest.mark.parametrize("text, groups", [
+    ("[2,4]<=[8]", "{{0,1,2,3},{4,5,6,7}}"),
+    ("[4,2]<=[2,4]T(1,0)", "{{0,4},{1,5},{2,6},{3,7}}"),
+    ("{{4,0},{1,5},{2,6},{7,3}}", "{{0,4},{1,5},{2,6},{3,7}}"),
+    ("[8,1]<=[8]", "{{0},{1},{2},{3},{4},{5},{6},{7}}"),
+])
+def test_canonical_groups(text, groups):
+    assert hlo.canonical_groups(text) == groups
+
+
+def test_signature_can_merge_all_reduces_over_the_same_groups():
+    extra = _TEXT.replace("ROOT %rs", "%ar2 = f32[8]{0} all-reduce(f32[8]{0} %y), channel_id=9, "
+                          "replica_groups=[2,4]<=[8], to_apply=%add\n  ROOT %rs")
+    assert hlo.signature(extra) != hlo.signature(_TEXT)
+    assert hlo.signature(extra, merge_all_reduces=True) == hlo.signature(_TEXT, merge_all_reduces=True)
+    other_groups = extra.replace("channel_id=9, replica_groups=[2,4]<=[8]",
+                                 "channel_id=9, replica_groups={{0,4},{1,5},{2,6},{3,7}}")
+    assert hlo.signature(other_groups, merge_all_reduces=True) != hlo.signature(_TEXT, merge_all_reduces=True)
