@@ -147,6 +147,8 @@ def _linear(case: Case, data: dict) -> Program:
     _load(layer, data["params"])
     x = _device_tensor(data["inputs"]["x"], dtype, mesh, None, requires_grad=True)
     cot = _device_tensor(data["cotangent"]["y"], dtype, mesh, None)
+    if case.option("rso"):  # the cotangent is laid out like the output: features sharded
+        tmesh.mark_sharding(cot, mesh, (None, "tp"))
     return Program(layer, x, cot, to_global=lambda a: a)
 
 
