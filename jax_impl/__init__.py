@@ -6,7 +6,7 @@ framework-neutral) can be used without JAX installed.
 
 import importlib
 
-_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel", "linear",
+_SUBMODULES = ("configs", "matmul_methods", "mesh", "array_utils", "collectives", "tensor_parallel", "linear",
                "pipeline_parallel")
 
 __all__ = list(_SUBMODULES)

@@ -83,7 +83,6 @@ kept on the module (as in ``nnx.Linear``), so the state holds only ``kernel`` an
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import typing as tp
 
@@ -96,6 +95,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Ps
 
 from .collectives import ring_permute
+from .matmul_methods import MatrixMultiplyMethod, resolve_method
 from .mesh import check_axis
 
 __all__ = [
@@ -119,60 +119,7 @@ default_bias_init = nnx.initializers.zeros
 
 
 # --------------------------------------------------------------------------------------- methods
-@enum.unique
-class MatrixMultiplyMethod(str, enum.Enum):
-    """How a tensor-parallel matmul communicates (see the module docstring for the table)."""
-
-    PLAIN = "plain"
-    """Plain XLA collectives: all_gather (column), psum / psum_scatter (row). Both directions."""
-    ALL_GATHER = "all_gather_matmul"
-    """Column only: ring all-gather of the input features overlapped with partial matmuls."""
-    ALL_GATHER_BIDIRECTIONAL = "all_gather_matmul_bidirectional"
-    """Column only: as ALL_GATHER with chunks sent both ways round the ring."""
-    REDUCE_SCATTER = "reduce_scatter_matmul"
-    """Row only: ring reduce-scatter of the output overlapped with partial matmuls."""
-    REDUCE_SCATTER_BIDIRECTIONAL = "reduce_scatter_matmul_bidirectional"
-    """Row only: as REDUCE_SCATTER with one accumulator going each way round the ring."""
-
-    @property
-    def directions(self) -> tuple[str, ...]:
-        """Layer directions ('column', 'row') the method applies to."""
-        return _METHOD_DIRECTIONS[self]
-
-    @property
-    def bidirectional(self) -> bool:
-        """Whether the ring runs both ways."""
-        return self in (MatrixMultiplyMethod.ALL_GATHER_BIDIRECTIONAL,
-                        MatrixMultiplyMethod.REDUCE_SCATTER_BIDIRECTIONAL)
-
-    @property
-    def is_ring(self) -> bool:
-        """Whether the method is a ring collective matmul (ppermutes) rather than PLAIN."""
-        return self is not MatrixMultiplyMethod.PLAIN
-
-
-_METHOD_DIRECTIONS = {
-    MatrixMultiplyMethod.PLAIN: ("column", "row"),
-    MatrixMultiplyMethod.ALL_GATHER: ("column",),
-    MatrixMultiplyMethod.ALL_GATHER_BIDIRECTIONAL: ("column",),
-    MatrixMultiplyMethod.REDUCE_SCATTER: ("row",),
-    MatrixMultiplyMethod.REDUCE_SCATTER_BIDIRECTIONAL: ("row",),
-}
-
-
-def _resolve_method(method: tp.Any) -> MatrixMultiplyMethod | None:
-    """None, a MatrixMultiplyMethod, or its value/name as a string (any case) -> enum or None."""
-    if method is None or isinstance(method, MatrixMultiplyMethod):
-        return method
-    if isinstance(method, str):
-        key = method.strip().lower()
-        for m in MatrixMultiplyMethod:
-            if key in (m.value, m.name.lower()):
-                return m
-    raise ValueError(f"matmul_method={method!r}: expected None, a MatrixMultiplyMethod or one of "
-                     f"{[m.value for m in MatrixMultiplyMethod]}")
-
-
+# MatrixMultiplyMethod and resolve_method live in the framework-neutral jax_impl.matmul_methods.
 # ---------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class TensorParallelConfig:
@@ -201,7 +148,7 @@ class TensorParallelConfig:
     reduce_scatter_output: bool = False
 
     def __post_init__(self) -> None:
-        method = _resolve_method(self.matmul_method)
+        method = resolve_method(self.matmul_method)
         object.__setattr__(self, "matmul_method", method)
         mesh = self.mesh
         if mesh is None and (method is not None or self.reduce_scatter_output):
@@ -309,7 +256,7 @@ def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMe
     leading dims keep the lhs spec without ``axis_name``; for PLAIN (or None) it is
     :func:`get_matmul_output_sharding` of the two specs. Raises ValueError for an unknown method.
     """
-    method = _resolve_method(method)
+    method = resolve_method(method)
     lhs_spec, rhs_spec = get_sharding(lhs), get_sharding(rhs)
     if lhs_spec is None or rhs_spec is None:
         return None

@@ -88,7 +88,6 @@ Deviations from the JAX module, on purpose:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
 import math
 import typing as tp
@@ -100,6 +99,7 @@ from torch import nn
 
 from . import mesh as _mesh
 from .collectives import axis_index, reduce_scatter_features, ring_permute
+from jax_impl.matmul_methods import MatrixMultiplyMethod, resolve_method  # neutral, shared
 from .tensor_parallel import lecun_normal
 
 __all__ = [
@@ -127,60 +127,7 @@ default_bias_init = _zeros
 
 
 # --------------------------------------------------------------------------------------- methods
-@enum.unique
-class MatrixMultiplyMethod(str, enum.Enum):
-    """How a tensor-parallel matmul communicates (see the module docstring of jax_impl.linear)."""
-
-    PLAIN = "plain"
-    """Plain collectives: all-gather (column), all-reduce / reduce-scatter (row). Both ways."""
-    ALL_GATHER = "all_gather_matmul"
-    """Column only: ring all-gather of the input features overlapped with partial matmuls."""
-    ALL_GATHER_BIDIRECTIONAL = "all_gather_matmul_bidirectional"
-    """Column only: as ALL_GATHER with chunks sent both ways round the ring."""
-    REDUCE_SCATTER = "reduce_scatter_matmul"
-    """Row only: ring reduce-scatter of the output overlapped with partial matmuls."""
-    REDUCE_SCATTER_BIDIRECTIONAL = "reduce_scatter_matmul_bidirectional"
-    """Row only: as REDUCE_SCATTER with one accumulator going each way round the ring."""
-
-    @property
-    def directions(self) -> tuple[str, ...]:
-        """Layer directions ('column', 'row') the method applies to."""
-        return _METHOD_DIRECTIONS[self]
-
-    @property
-    def bidirectional(self) -> bool:
-        """Whether the ring runs both ways."""
-        return self in (MatrixMultiplyMethod.ALL_GATHER_BIDIRECTIONAL,
-                        MatrixMultiplyMethod.REDUCE_SCATTER_BIDIRECTIONAL)
-
-    @property
-    def is_ring(self) -> bool:
-        """Whether the method is a ring collective matmul (permutes) rather than PLAIN."""
-        return self is not MatrixMultiplyMethod.PLAIN
-
-
-_METHOD_DIRECTIONS = {
-    MatrixMultiplyMethod.PLAIN: ("column", "row"),
-    MatrixMultiplyMethod.ALL_GATHER: ("column",),
-    MatrixMultiplyMethod.ALL_GATHER_BIDIRECTIONAL: ("column",),
-    MatrixMultiplyMethod.REDUCE_SCATTER: ("row",),
-    MatrixMultiplyMethod.REDUCE_SCATTER_BIDIRECTIONAL: ("row",),
-}
-
-
-def _resolve_method(method: tp.Any) -> MatrixMultiplyMethod | None:
-    """None, a MatrixMultiplyMethod, or its value/name as a string (any case) -> enum or None."""
-    if method is None or isinstance(method, MatrixMultiplyMethod):
-        return method
-    if isinstance(method, str):
-        key = method.strip().lower()
-        for m in MatrixMultiplyMethod:
-            if key in (m.value, m.name.lower()):
-                return m
-    raise ValueError(f"matmul_method={method!r}: expected None, a MatrixMultiplyMethod or one of "
-                     f"{[m.value for m in MatrixMultiplyMethod]}")
-
-
+# MatrixMultiplyMethod and resolve_method live in the framework-neutral jax_impl.matmul_methods.
 # ---------------------------------------------------------------------------------------- config
 def _xs():
     import torch_xla.distributed.spmd as xs
@@ -219,7 +166,7 @@ class TensorParallelConfig:
     reduce_scatter_output: bool = False
 
     def __post_init__(self) -> None:
-        method = _resolve_method(self.matmul_method)
+        method = resolve_method(self.matmul_method)
         object.__setattr__(self, "matmul_method", method)
         mesh = self.mesh
         if mesh is None and (method is not None or self.reduce_scatter_output):
@@ -394,7 +341,7 @@ def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMe
     it is :func:`get_matmul_output_sharding` of the two specs. Raises ValueError for an unknown
     method.
     """
-    method = _resolve_method(method)
+    method = resolve_method(method)
     lhs_spec, rhs_spec = get_sharding(lhs, mesh=mesh), get_sharding(rhs, mesh=mesh)
     if lhs_spec is None or rhs_spec is None:
         return None
