@@ -21,14 +21,16 @@ if [ -f "$marker" ] && [ "$(cat "$marker")" = "$key" ]; then
 else
   echo "ringpar: building environment $venv (first time on this machine: a few minutes, ~7 GB)" >&2
   start=$(date +%s)
-  if ! command -v uv >/dev/null 2>&1; then
+  if command -v uv >/dev/null 2>&1; then
+    uv=(uv)
+  else
     "$py" -m pip install --quiet --disable-pip-version-check uv >&2
+    uv=("$py" -m uv)
   fi
-  uv=$(command -v uv || echo "$("$py" -m site --user-base)/bin/uv")
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
-  "$uv" venv --quiet --python "$py" "$venv" >&2
-  "$uv" pip sync --quiet --python "$venv/bin/python" "$lock" >&2
+  "${uv[@]}" venv --quiet --python "$py" "$venv" >&2
+  "${uv[@]}" pip sync --quiet --python "$venv/bin/python" "$lock" >&2
   echo "$key" > "$marker"
   echo "ringpar: environment ready in $(( $(date +%s) - start )) s" >&2
 fi
