@@ -25,6 +25,12 @@ def _case(module, variant, n, **kw):
     return C.Case(module, variant, n, **kw)
 
 
+def _pipeline_case(p, m):
+    """The matrix's own pipeline case with p stages and m micro-batches."""
+    return next(c for c in C.default_matrix() if c.module == "pipeline" and c.axis_size == p
+                and c.dtype == "float32" and c.option("microbatches") == m)
+
+
 @pytest.mark.parametrize("case", [
     _case("tpasync", "gather-bi", 4), _case("tpdense", "scatter", 2),
     _case("tpasync", "scatter-split", 8, dtype="bfloat16"),
@@ -43,6 +49,7 @@ def test_clean_case_passes(backends, case):
     ("missing_bias", _case("tpdense", "scatter", 4), "missing on the torch side"),
     ("missing_bias", _case("tpasync", "gather-bi", 2), "output error"),
     ("wrong_tolerance", _case("tpasync", "scatter-split", 4), "tolerance 0.5 is outside"),
+    ("dropped_microbatch", _pipeline_case(2, 5), "output error"),
 ], ids=lambda v: v if isinstance(v, str) else v.id if isinstance(v, C.Case) else None)
 def test_planted_defect_is_reported(backends, defect, case, expect):
     assert runner.run_case(case).passed  # the same case is clean without the defect
