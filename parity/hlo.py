@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 __all__ = ["COLLECTIVE_KINDS", "Collective", "canonical_groups", "collectives", "signature", "count", "ring_pairs",
-           "instruction_count", "communication_bytes"]
+           "instruction_count", "communication_bytes", "dot_flops"]
 
 
 COLLECTIVE_KINDS = (
@@ -217,3 +217,81 @@ def instruction_count(hlo_text: str) -> int:
 def communication_bytes(hlo_text: str) -> int:
     """Sum of collective operand sizes in bytes (per device) over the program."""
     return sum(op.operand_bytes for op in collectives(hlo_text))
+
+
+# ------------------------------------------------------------------------------ dot FLOPs
+_COMP_HEAD = re.compile(r"^(?P<entry>ENTRY\s+)?%(?P<name>[\w.\-]+)\s*\((?P<params>.*)\)\s*->.*\{\s*$")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>\S+?)(?:\{[\d,]*\})?\s+(?P<op>[\w\-]+)\(")
+_ARRAY = re.compile(r"^(?P<dt>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+
+
+def _dims(type_text: str) -> list[int] | None:
+    m = _ARRAY.match(type_text)
+    return [int(d) for d in m.group("dims").split(",") if d] if m else None
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    comps, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        head = _COMP_HEAD.match(line)
+        if head:
+            current = head.group("name")
+            comps[current] = [line]
+            if head.group("entry"):
+                entry = current
+        elif current is not None:
+            comps[current].append(line)
+            if line.strip() == "}":
+                current = None
+    return comps, entry
+
+
+def dot_flops(hlo_text: str) -> int:
+    """FLOPs of the ``dot`` instructions the program executes per device: 2 * result size *
+    contracted size per dot, through fusions and calls, and times the known trip count of every
+    ``while`` loop (XLA's cost analysis counts a loop body once). ValueError if a loop's trip
+    count is not known."""
+    comps, entry = _computations(hlo_text)
+    if entry is None:
+        raise ValueError("hlo_text has no ENTRY computation")
+    memo: dict[str, int] = {}
+
+    def flops(name: str) -> int:
+        if name in memo:
+            return memo[name]
+        lines = comps[name]
+        shapes = {}
+        for p in re.finditer(r"([\w.\-]+):\s*([a-z]+\d*\[[\d,]*\])", lines[0]):
+            shapes[p.group(1)] = _dims(p.group(2))
+        total = 0
+        for line in lines[1:]:
+            d = _DEF.match(line)
+            if d:
+                shapes[d.group("name")] = _dims(d.group("type"))
+            if d and d.group("op") == "dot":
+                args = line[line.index("dot(") + 4:]
+                typed = re.match(r"\s*([a-z]+\d*\[[\d,]*\])(?:\{[\d,]*\})?\s+%", args)
+                lhs = _dims(typed.group(1)) if typed else shapes.get(
+                    re.match(r"\s*%([\w.\-]+)", args).group(1))
+                contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+                k = 1
+                for i in (int(v) for v in contract.group(1).split(",") if v):
+                    k *= lhs[i]
+                out = 1
+                for v in shapes[d.group("name")] or []:
+                    out *= v
+                total += 2 * out * k
+            for callee in re.findall(r"calls=%([\w.\-]+)", line):
+                total += flops(callee)
+            if re.search(r"\scall\(", line):
+                total += sum(flops(c) for c in re.findall(r"to_apply=%([\w.\-]+)", line))
+            if re.search(r"\swhile\(", line):
+                body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                trips = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+                if not trips:
+                    raise ValueError(f"a while loop calling {body} has no known trip count")
+                total += int(trips.group(1)) * flops(body)
+        memo[name] = total
+        return total
+
+    return flops(entry)

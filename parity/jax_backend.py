@@ -115,14 +115,6 @@ class Program:
         """Run forward+backward once and wait for the result."""
         return jax.block_until_ready(self._step())
 
-    def flops(self) -> float | None:
-        """FLOPs of the compiled per-device program (XLA cost analysis), if available."""
-        if self.compiled is None:
-            return None
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost["flops"]) if cost and "flops" in cost else None
-
     def result(self) -> BackendResult:
         """Run once and return outputs and gradients as float32 NumPy."""
         y, gp, gx = self.step()

@@ -88,3 +88,35 @@ def test_signature_can_merge_all_reduces_over_the_same_groups():
     other_groups = extra.replace("channel_id=9, replica_groups=[2,4]<=[8]",
                                  "channel_id=9, replica_groups={{0,4},{1,5},{2,6},{3,7}}")
     assert hlo.signature(other_groups, merge_all_reduces=True) != hlo.signature(_TEXT, merge_all_reduces=True)
+
+
+_LOOP = """
+HloModule loop
+
+%fused (p0: f32[4,8], p1: f32[8,2]) -> f32[4,2] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,2]{1,0} parameter(1)
+  ROOT %d = f32[4,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (t: (s32[], f32[4,8], f32[8,2])) -> (s32[], f32[4,8], f32[8,2]) {
+  %a = f32[4,8]{1,0} get-tuple-element((s32[], f32[4,8], f32[8,2]) %t), index=1
+  %b = f32[8,2]{1,0} get-tuple-element((s32[], f32[4,8], f32[8,2]) %t), index=2
+  %f = f32[4,2]{1,0} fusion(%a, %b), kind=kOutput, calls=%fused
+  ROOT %r = (s32[], f32[4,8], f32[8,2]) tuple(%i, %a, %b)
+}
+
+ENTRY %main (x: f32[4,8], w: f32[8,2]) -> f32[2,2] {
+  %w2 = (s32[], f32[4,8], f32[8,2]) while((s32[], f32[4,8], f32[8,2]) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %e = f32[2,2]{1,0} dot(f32[2,8]{1,0} %y, f32[8,2]{1,0} %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+
+
+def test_dot_flops_multiplies_loop_bodies_by_their_trip_count():
+    # loop: 3 trips x (2 * 4*2 outputs * 8 contracted) = 384; entry dot: 2 * 2*2 * 8 = 64
+    assert hlo.dot_flops(_LOOP) == 3 * 2 * 4 * 2 * 8 + 2 * 2 * 2 * 8
+    with pytest.raises(ValueError, match="no known trip count"):
+        hlo.dot_flops(_LOOP.replace(', backend_config={"known_trip_count":{"n":"3"}}', ""))
+    with pytest.raises(ValueError, match="no ENTRY"):
+        hlo.dot_flops(_LOOP.replace("ENTRY ", ""))
