@@ -286,6 +286,16 @@ def _apply_replicated(module: nn.Module, x: torch.Tensor, mesh, axis_name: str) 
 
 
 # ----------------------------------------------------------------------------------- TPDense
+def _seeded_dense(in_features: int, out_features: int, use_bias: bool, kernel_init: Callable,
+                  dtype: torch.dtype, seed: int) -> "Dense":
+    """A replicated :class:`Dense` drawn from ``seed`` (torch's global RNG untouched), on XLA."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dense = Dense(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init,
+                      dtype=dtype)
+    return dense.to(_mesh.xla_device())
+
+
 def _check_features(**values) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -345,11 +355,7 @@ class TPDense(nn.Module):
         self.mode = tp_mode if n > 1 else "none"
         seed = _draw_seed(seed)
         if self.mode == "none":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                dense = Dense(in_features, out_features, use_bias=use_bias,
-                              kernel_init=kernel_init, dtype=dtype)
-            self.Dense_0 = dense.to(_mesh.xla_device())
+            self.Dense_0 = _seeded_dense(in_features, out_features, use_bias, kernel_init, dtype, seed)
             return
         if self.mode == "scatter" and not self.skip_communication and out_features % n:
             raise ValueError(f"out_features={out_features}: expected a number divisible by the "
@@ -546,11 +552,7 @@ class TPAsyncDense(nn.Module):
         self.mode = tp_mode if n > 1 else "none"
         seed = _draw_seed(seed)
         if self.mode == "none":
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                dense = Dense(in_features, out_features, use_bias=use_bias,
-                              kernel_init=kernel_init, dtype=dtype)
-            self.shard_0 = dense.to(_mesh.xla_device())
+            self.shard_0 = _seeded_dense(in_features, out_features, use_bias, kernel_init, dtype, seed)
             return
         for i in range(n):
             self.add_module(f"shard_{i}", ModelParallelismWrapper(
