@@ -6,8 +6,9 @@ framework-neutral) can be used without JAX installed.
 
 import importlib
 
-_SUBMODULES = ("configs", "matmul_methods", "mesh", "array_utils", "collectives", "tensor_parallel", "linear",
-               "pipeline_parallel")
+_SUBMODULES = ("configs", "matmul_methods", "mesh", "array_utils", "collectives",
+               "tensor_parallel", "linear", "pipeline_parallel", "embedding", "losses", "norms",
+               "gpt")
 
 __all__ = list(_SUBMODULES)
 

@@ -204,3 +204,51 @@ register(ModuleSpec(
     batch_for=lambda n, extra: (8 // n) * dict(extra)["microbatches"] * 2,
     # bf16 through 8 tanh-dense stages: input-gradient error 2.6e-2 measured (fp32: <= 8e-7).
     tolerances={"bfloat16": 5e-2}))
+
+
+# ------------------------------------------------------------------------------------ GPT
+# The GPT block of jax_impl.gpt / torch_impl.gpt (tp_mode "plain" or "ring") on the tp axis:
+# integer tokens and targets [B, S] (some targets ignored), outputs the loss and the global
+# logits, gradients of every parameter (no input gradient: the inputs are token ids).
+GPT_CONFIG = dict(vocab_size=64, max_seq_len=8, hidden_size=32, num_heads=8, num_layers=2,
+                  mlp_hidden_size=64, label_smoothing=0.1)
+
+
+def gpt_param_shapes(case: Case) -> dict[str, tuple[int, ...]]:
+    """The GPT parameter tree of ``GPT_CONFIG`` (tests pin it to ``jax_impl.gpt``'s own)."""
+    c = GPT_CONFIG
+    d, f, v, s = c["hidden_size"], c["mlp_hidden_size"], c["vocab_size"], c["max_seq_len"]
+    shapes = {"wte.embedding": (v, d), "wpe.embedding": (s, d), "ln_f.scale": (d,),
+              "ln_f.bias": (d,), "lm_head.kernel": (d, v)}
+    for i in range(c["num_layers"]):
+        b = f"blocks.{i}"
+        shapes.update({f"{b}.ln_1.scale": (d,), f"{b}.ln_1.bias": (d,), f"{b}.ln_2.scale": (d,),
+                       f"{b}.ln_2.bias": (d,), f"{b}.attn.qkv.kernel": (d, 3 * d),
+                       f"{b}.attn.qkv.bias": (3 * d,), f"{b}.attn.proj.kernel": (d, d),
+                       f"{b}.attn.proj.bias": (d,), f"{b}.mlp.fc.kernel": (d, f),
+                       f"{b}.mlp.fc.bias": (f,), f"{b}.mlp.proj.kernel": (f, d),
+                       f"{b}.mlp.proj.bias": (d,)})
+    return shapes
+
+
+def gpt_tokens(case: Case, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and targets [B, S] derived from the case's seeded data (same on both sides);
+    targets whose cotangent draw is below -1.5 are ignored (-100)."""
+    v = GPT_CONFIG["vocab_size"]
+    tokens = (np.abs(data["inputs"]["x"]) * 1000).astype(np.int64) % v
+    cot = data["cotangent"]["y"]
+    targets = (np.abs(cot) * 1000).astype(np.int64) % v
+    targets[cot < -1.5] = -100
+    return tokens, targets
+
+
+register(ModuleSpec(
+    name="gpt", variants=("plain", "ring"), param_shapes=gpt_param_shapes,
+    input_shape=lambda c: (c.batch, GPT_CONFIG["max_seq_len"]),
+    output_shape=lambda c: (c.batch, GPT_CONFIG["max_seq_len"]),
+    shapes=((4, 32, 32),),
+    # ~20 s a case here: tp=4 keeps the default matrix under 10 minutes (every tp 1..8 passed
+    # in a separate run; tests/parity/test_gpt_twins.py covers them).
+    axis_sizes=(4,),
+    # bf16 torch vs JAX through 2 blocks and the loss: gradients up to 1.9e-2 measured.
+    tolerances={"bfloat16": 5e-2}))

@@ -219,7 +219,47 @@ def _pipeline(case: Case, data: dict) -> Program:
                               post=lambda y: jax.lax.psum(y, "pp"))
 
 
-ADAPTERS = {"tpdense": _tp, "tpasync": _tp, "linear": _linear, "pipeline": _pipeline}
+# ----------------------------------------------------------------------------- GPT adapter
+class GPTProgram:
+    """The GPT case's loss + gradients program (twin: torch_backend.GPTProgram)."""
+
+    def __init__(self, model, tokens, targets):
+        from jax_impl.gpt import forward_hlo, loss_and_grads
+
+        self.model, self.tokens, self.targets = model, tokens, targets
+        self._loss_and_grads = loss_and_grads
+        *_, self.hlo_text = loss_and_grads(model, tokens, targets, hlo=True)
+        self.fwd_hlo_text = forward_hlo(model, tokens)
+
+    def step(self):
+        """Run forward+backward once and wait for the result."""
+        return jax.block_until_ready(self._loss_and_grads(self.model, self.tokens, self.targets))
+
+    def result(self) -> BackendResult:
+        """Loss, logits and parameter gradients as float32 NumPy."""
+        loss, logits, grads = self.step()
+        to_np = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
+        return BackendResult(outputs={"loss": to_np(loss), "logits": to_np(logits)},
+                             grads={k: to_np(v) for k, v in grads.items()},
+                             hlo_text=self.hlo_text, fwd_hlo_text=self.fwd_hlo_text)
+
+
+def _gpt(case: Case, data: dict) -> GPTProgram:
+    from flax import nnx
+
+    from jax_impl.gpt import GPT, GPTConfig, load_params
+
+    from .cases import GPT_CONFIG, gpt_tokens
+
+    mesh = create_mesh(ParallelConfig(model_axis_size=case.axis_size))
+    model = GPT(GPTConfig(**GPT_CONFIG, tp_mode=case.variant), mesh=mesh,
+                param_dtype=_DTYPES[case.dtype], rngs=nnx.Rngs(0))
+    load_params(model, data["params"])
+    return GPTProgram(model, *gpt_tokens(case, data))
+
+
+ADAPTERS = {"tpdense": _tp, "tpasync": _tp, "linear": _linear, "pipeline": _pipeline,
+            "gpt": _gpt}
 
 
 def build(case: Case, data: dict) -> Program:

@@ -187,7 +187,47 @@ def _pipeline(case: Case, data: dict) -> Program:
     return Program(model, x.requires_grad_(True), cot, to_global=lambda a: a)
 
 
-ADAPTERS = {"tpdense": _tp, "tpasync": _tp, "linear": _linear, "pipeline": _pipeline}
+# ----------------------------------------------------------------------------- GPT adapter
+class GPTProgram:
+    """The GPT case's loss + gradients program (twin: jax_backend.GPTProgram)."""
+
+    def __init__(self, model, tokens, targets):
+        from torch_impl.gpt import forward_hlo, loss_and_grads
+
+        self.model, self.tokens, self.targets = model, tokens, targets
+        self._loss_and_grads = loss_and_grads
+        *_, self.hlo_text = loss_and_grads(model, tokens, targets, hlo=True)
+        self.fwd_hlo_text = forward_hlo(model, tokens)
+
+    def step(self):
+        """Run forward+backward once and wait for the devices."""
+        out = self._loss_and_grads(self.model, self.tokens, self.targets)
+        tmesh.sync(wait=True)
+        return out
+
+    def result(self) -> BackendResult:
+        """Loss, logits and parameter gradients as float32 NumPy."""
+        loss, logits, grads = self.step()
+        to_np = lambda t: t.detach().to(torch.float32).cpu().numpy()  # noqa: E731
+        return BackendResult(outputs={"loss": to_np(loss), "logits": to_np(logits)},
+                             grads={k: to_np(v) for k, v in grads.items()},
+                             hlo_text=self.hlo_text, fwd_hlo_text=self.fwd_hlo_text)
+
+
+def _gpt(case: Case, data: dict) -> GPTProgram:
+    from torch_impl.gpt import GPT, GPTConfig, load_params
+
+    from .cases import GPT_CONFIG, gpt_tokens
+
+    mesh = tmesh.create_mesh(ParallelConfig(model_axis_size=case.axis_size))
+    model = GPT(GPTConfig(**GPT_CONFIG, tp_mode=case.variant), mesh=mesh,
+                param_dtype=_DTYPES[case.dtype], seed=0)
+    load_params(model, data["params"])
+    return GPTProgram(model, *gpt_tokens(case, data))
+
+
+ADAPTERS = {"tpdense": _tp, "tpasync": _tp, "linear": _linear, "pipeline": _pipeline,
+            "gpt": _gpt}
 
 
 def build(case: Case, data: dict) -> Program:

@@ -6,8 +6,9 @@ framework-neutral) can be used without torch installed.
 
 import importlib
 
-_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel", "linear",
-               "pipeline_parallel", "parallelize")
+_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel",
+               "linear", "pipeline_parallel", "embedding", "losses", "norms",
+               "gpt", "parallelize")
 
 __all__ = list(_SUBMODULES)
 

@@ -113,3 +113,18 @@ def test_cli_isolate_gives_the_same_verdicts_as_in_process(tmp_path):
         verdicts[bool(mode)] = {c["case_id"]: (c["passed"], c["comm_match"]) for c in report["cases"]}
         assert "| tpasync-gather-bi-n4" in md.read_text()
     assert verdicts[True] == verdicts[False] and len(verdicts[True]) == 1
+
+
+def test_gpt_case_layout_is_the_models_own():
+    from jax_impl.gpt import GPTConfig as JaxConfig
+    from jax_impl.gpt import gpt_param_shapes as jax_shapes
+    from torch_impl.gpt import GPTConfig as TorchConfig
+    from torch_impl.gpt import gpt_param_shapes as torch_shapes
+
+    case = next(c for c in C.default_matrix() if c.module == "gpt")
+    mine = C.gpt_param_shapes(case)
+    assert mine == dict(jax_shapes(JaxConfig(**C.GPT_CONFIG)))
+    assert mine == dict(torch_shapes(TorchConfig(**C.GPT_CONFIG)))
+    tokens, targets = C.gpt_tokens(case, C.make_data(case))
+    assert tokens.min() >= 0 and tokens.max() < C.GPT_CONFIG["vocab_size"]
+    assert (targets == -100).any() and (targets >= 0).any()
