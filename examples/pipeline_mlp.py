@@ -15,23 +15,20 @@ Adam <= 7.3e-6 (Adam's first update is lr * sign(g) per entry, so gradient entri
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
-# 8 CPU devices for both runtimes; must be set before jax / torch_xla start.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("PJRT_DEVICE", "CPU")
-os.environ.setdefault("CPU_NUM_DEVICES", "8")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from ringpar.devices import set_cpu_devices  # noqa: E402
+
+# 8 CPU devices for both runtimes; must be set before jax / torch_xla start.
+set_cpu_devices(8)
 
 import functools  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402  (imported before torch_xla, see DESIGN.md)
+import jax  # noqa: E402  (imported before torch_xla, see docs/design.md)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402

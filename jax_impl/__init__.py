@@ -6,9 +6,10 @@ framework-neutral) can be used without JAX installed.
 
 import importlib
 
-_SUBMODULES = ("configs", "matmul_methods", "mesh", "array_utils", "collectives",
-               "tensor_parallel", "linear", "pipeline_parallel", "embedding", "losses", "norms",
-               "gpt")
+_SUBMODULES = ("configs", "mesh", "array_utils", "collectives",
+               "tensor_parallel", "linear", "pipeline_parallel", "pipeline_circular", "embedding",
+               "losses", "norms",
+               "gpt", "data_parallel")
 
 __all__ = list(_SUBMODULES)
 

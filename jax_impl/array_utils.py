@@ -1,7 +1,8 @@
 """Array and parameter helpers for model-parallel code (API of xlstm-jax ``distributed.array_utils``).
 
-All functions are per-device code: call them inside ``jax.shard_map`` over a mesh that has the
-axis ``axis_name`` (ValueError otherwise).
+The first four functions are per-device code: call them inside ``jax.shard_map`` over a mesh that
+has the axis ``axis_name`` (ValueError otherwise). The last two work on global arrays (inside or
+outside ``jit``, not inside ``shard_map``) and take the mesh.
 
 - ``fold_rng_over_axis(rng, axis_name)``: a different key on each device along the axis.
 - ``split_array_over_mesh(x, axis_name, split_axis)``: this device's slice of a replicated array.
@@ -10,6 +11,12 @@ axis ``axis_name`` (ValueError otherwise).
   that ``shard_map(..., out_specs=nn.get_partition_spec(...))`` assembles global leaves of shape
   ``[..., n, ...]`` (n = axis size) holding each device's value.
 - ``unstack_params(params, axis_name)``: the inverse of ``stack_params``.
+- ``to_stacked(x, axis_name, dim=-1, mesh=...)``: a global array split on ``dim`` -> the stacked
+  view ``[n, ...]`` whose row j is device j's block (the torch backend's view of per-device
+  values; twin of ``torch_impl.array_utils.to_stacked``).
+- ``from_stacked(x, axis_name, dim=-1, mesh=...)``: the inverse.
+
+The stacked view and the layouts table: ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -19,11 +26,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .collectives import axis_index
-from .mesh import axis_size
+from .mesh import axis_size, check_axis
 
-__all__ = ["fold_rng_over_axis", "split_array_over_mesh", "stack_params", "unstack_params"]
+__all__ = ["fold_rng_over_axis", "split_array_over_mesh", "stack_params", "unstack_params",
+           "to_stacked", "from_stacked"]
 
 PyTree = Any
 
@@ -128,3 +138,57 @@ def unstack_params(params: PyTree, axis_name: str) -> PyTree:
         return nn.Partitioned(value, names=names)
 
     return jax.tree.map(_unstack, params, is_leaf=_is_partitioned)
+
+
+def _check_dim(dim, shape: tuple, what: str) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -len(shape) <= dim < len(shape):
+        raise ValueError(f"dim={dim!r}: expected an axis of {what} {shape}")
+    return dim % len(shape)
+
+
+def _constrain(x: jax.Array, mesh: Mesh, spec: tuple) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+def to_stacked(x: jax.Array, axis_name: str, dim: int = -1, *, mesh: Mesh) -> jax.Array:
+    """The stacked view of the global ``x``: ``dim`` split in n blocks, block j in row j.
+
+    Global ``[..., F, ...]`` (``F`` at ``dim``) -> ``[n, ..., F/n, ...]`` with dim 0 sharded over
+    ``axis_name`` (size n): row j is the block device j holds when ``x`` is sharded on ``dim``
+    (what ``shard_map`` with ``axis_name`` at ``dim`` of the in_spec passes to device j). When
+    ``x`` is sharded that way this moves no data. Twin of ``torch_impl.array_utils.to_stacked``.
+
+    Example::
+
+        xs = to_stacked(x, "tp", mesh=mesh)          # [B, F] -> [n, B, F/n]
+        y = from_stacked(xs * 2, "tp", mesh=mesh)    # back to [B, F], sharded on F
+
+    Raises:
+        ValueError: ``dim`` out of range, its size not divisible by n, or no ``axis_name``.
+    """
+    n = check_axis(mesh, axis_name)
+    d = _check_dim(dim, tuple(x.shape), "an array of shape")
+    if x.shape[d] % n:
+        raise ValueError(f"x.shape[{dim}]={x.shape[d]}: expected a size divisible by the size {n} "
+                         f"of axis {axis_name!r}")
+    y = x.reshape(x.shape[:d] + (n, x.shape[d] // n) + x.shape[d + 1:])
+    return _constrain(jnp.moveaxis(y, d, 0), mesh, (axis_name,))
+
+
+def from_stacked(x: jax.Array, axis_name: str, dim: int = -1, *, mesh: Mesh) -> jax.Array:
+    """Inverse of :func:`to_stacked`: the rows of the stacked ``x`` concatenated along ``dim``.
+
+    Stacked ``[n, ..., F/n, ...]`` -> global ``[..., F, ...]`` sharded on ``dim`` over
+    ``axis_name`` (``dim`` counts the dims after the stacked dim 0, the per-device dims).
+
+    Raises:
+        ValueError: dim 0 not of size n, ``dim`` out of range, or no ``axis_name``.
+    """
+    n = check_axis(mesh, axis_name)
+    if x.ndim < 2 or x.shape[0] != n:
+        raise ValueError(f"x.shape={tuple(x.shape)}: expected the stacked view [n, ...] with dim "
+                         f"0 of size n={n}, the size of axis {axis_name!r}, and rank >= 2")
+    d = _check_dim(dim, tuple(x.shape[1:]), "the per-device shape")
+    y = jnp.moveaxis(_constrain(x, mesh, (axis_name,)), 0, d)
+    y = y.reshape(y.shape[:d] + (n * y.shape[d + 1],) + y.shape[d + 2:])
+    return _constrain(y, mesh, (None,) * d + (axis_name,))

@@ -8,13 +8,21 @@ for the global "stacked" view where dim 0 of size n is the model axis):
   (one ``collective-permute`` per leaf).
 - ``axis_index(axis_name)``: this device's index along ``axis_name``.
 - ``all_gather_features(x, axis_name)``: tiled all-gather over the last (feature) axis.
-- ``reduce_scatter_features(x, axis_name)``: tiled sum-scatter over the last (feature) axis.
+- ``reduce_scatter_features(x, axis_name, dim=-1)``: tiled sum-scatter over ``dim`` (default
+  the last, feature axis).
+- ``copy_to_axis(x, axis_name)``: use a replicated value on every device (identity; the psum of
+  its cotangent is the one ``shard_map`` adds for a replicated input).
+- ``reduce_from_axis(x, axis_name)``: ``psum`` over ``axis_name`` (backward: no communication).
+- ``max_from_axis(x, axis_name)``: ``pmax`` of the stop-gradient of ``x``.
 - ``split_features(x, num, argument="x")``: split the last axis into ``num`` equal parts.
 
 All shapes here are per-device: the function sees one device's value, as ``shard_map`` passes it.
 ``axis_size`` (the size of a bound axis) lives in :mod:`jax_impl.mesh` and is re-exported here.
 Every function raises ``ValueError`` (never ``NameError``/``assert``) when ``axis_name`` is not
-bound, i.e. not called inside ``shard_map`` over a mesh with that axis.
+bound, i.e. not called inside ``shard_map`` over a mesh with that axis. Every cross-device sum of
+the layers (embedding, losses, norms) goes through this module; ``docs/design.md`` ("Matching a
+collective across backends") lists each function's forward and backward collective on both
+backends.
 """
 
 from __future__ import annotations
@@ -24,23 +32,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ringpar.rings import ring_perm  # noqa: F401  (re-export: one definition)
+
 from .mesh import axis_size
 
 __all__ = ["ring_perm", "ring_permute", "axis_index", "all_gather_features",
-           "reduce_scatter_features", "split_features", "axis_size"]
-
-
-def ring_perm(n: int, shift_up: bool = True) -> list[tuple[int, int]]:
-    """Pairs ``(j, j+1 mod n)`` of a cyclic shift up, or ``(j+1 mod n, j)`` for a shift down.
-
-    Shift up means device 0 sends to device 1 (device j receives from j-1); shift down means
-    device 1 sends to device 0 (device j receives from j+1).
-    """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n={n!r}: expected a positive int ring size")
-    if shift_up:
-        return [(j, (j + 1) % n) for j in range(n)]
-    return [((j + 1) % n, j) for j in range(n)]
+           "reduce_scatter_features", "copy_to_axis", "reduce_from_axis", "max_from_axis",
+           "split_features", "axis_size"]
 
 
 def ring_permute(x: Any, axis_name: str, shift_up: bool = True) -> Any:
@@ -72,19 +70,53 @@ def all_gather_features(x: jax.Array, axis_name: str) -> jax.Array:
     return jax.lax.all_gather(x, axis_name, axis=x.ndim - 1, tiled=True)
 
 
-def reduce_scatter_features(x: jax.Array, axis_name: str) -> jax.Array:
-    """Sum ``x`` over the devices of ``axis_name`` and keep this device's block of the last axis.
+def reduce_scatter_features(x: jax.Array, axis_name: str, dim: int = -1) -> jax.Array:
+    """Sum ``x`` over the devices of ``axis_name`` and keep this device's block of axis ``dim``.
 
-    Per-device input ``[..., F]`` -> per-device output ``[..., F/n]``: device j gets
-    ``sum_devices x[..., j*F/n:(j+1)*F/n]``. Raises ValueError if F is not divisible by n.
+    Per-device input ``[..., F]`` -> per-device output ``[..., F/n]`` (``dim=-1``, the default):
+    device j gets ``sum_devices x[..., j*F/n:(j+1)*F/n]``. Raises ValueError if the size of
+    ``dim`` is not divisible by n or ``dim`` is out of range.
     """
     n = axis_size(axis_name)
-    if x.shape[-1] % n:
-        raise ValueError(f"x.shape[-1]={x.shape[-1]}: expected the number of features to be "
+    d = _check_dim(dim, x.ndim)
+    if x.shape[d] % n:
+        raise ValueError(f"x.shape[{dim}]={x.shape[d]}: expected the number of features to be "
                          f"divisible by the size {n} of axis {axis_name!r}")
     if n == 1:
         return x
-    return jax.lax.psum_scatter(x, axis_name, scatter_dimension=x.ndim - 1, tiled=True)
+    return jax.lax.psum_scatter(x, axis_name, scatter_dimension=d, tiled=True)
+
+
+def _check_dim(dim, ndim: int) -> int:
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -ndim <= dim < ndim:
+        raise ValueError(f"dim={dim!r}: expected an int in [-{ndim}, {ndim}) for rank {ndim}")
+    return dim % ndim
+
+
+def copy_to_axis(x: Any, axis_name: str) -> Any:
+    """Use the replicated pytree ``x`` on every device of ``axis_name``: the identity here.
+
+    Inside ``shard_map`` a replicated input's cotangent is psum'd by ``shard_map`` itself, which
+    is the backward all-reduce the torch twin (stacked view ``S -> [n, *S]``) emits explicitly.
+    ValueError if ``axis_name`` is not bound.
+    """
+    axis_size(axis_name)
+    return x
+
+
+def reduce_from_axis(x: Any, axis_name: str) -> Any:
+    """Sum ``x`` over the devices of ``axis_name`` (``psum``: one all-reduce); shapes unchanged.
+
+    Example (inside ``shard_map``): ``y = reduce_from_axis(partial_rows, "tp")``.
+    """
+    axis_size(axis_name)
+    return jax.lax.psum(x, axis_name)
+
+
+def max_from_axis(x: Any, axis_name: str) -> Any:
+    """Maximum of ``x`` over the devices of ``axis_name`` (``pmax``), without gradient."""
+    axis_size(axis_name)
+    return jax.lax.pmax(jax.lax.stop_gradient(x), axis_name)
 
 
 def split_features(x: Any, num: int, argument: str = "x") -> list[Any]:

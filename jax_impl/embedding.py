@@ -38,18 +38,15 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ringpar.validation import positive_int
+
+from .collectives import reduce_from_axis, reduce_scatter_features
 from .linear import TensorParallelConfig
 
 __all__ = ["default_embed_init", "vocab_parallel_lookup", "VocabParallelEmbed"]
 
 default_embed_init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 """``nnx.Embed``'s default initializer: normal with variance 1 / features."""
-
-
-def _positive_int(name: str, value: tp.Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
-    return value
 
 
 def vocab_parallel_lookup(ids: jax.Array, table: jax.Array, axis_name: str) -> jax.Array:
@@ -69,8 +66,8 @@ def vocab_parallel_lookup(ids: jax.Array, table: jax.Array, axis_name: str) -> j
 def _embed_local(ids, table, *, axis_name, reduce_scatter_output, scatter_dim):
     y = vocab_parallel_lookup(ids, table, axis_name)
     if reduce_scatter_output:
-        return lax.psum_scatter(y, axis_name, scatter_dimension=scatter_dim % y.ndim, tiled=True)
-    return lax.psum(y, axis_name)
+        return reduce_scatter_features(y, axis_name, scatter_dim % y.ndim)
+    return reduce_from_axis(y, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis_name", "reduce_scatter_output",
@@ -111,8 +108,8 @@ class VocabParallelEmbed(nnx.Module):
                  parallel_config: TensorParallelConfig | None = None, scatter_dim: int = -1,
                  rngs: nnx.Rngs | None = None):
         rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
-        self.features = _positive_int("features", features)
+        self.num_embeddings = positive_int("num_embeddings", num_embeddings)
+        self.features = positive_int("features", features)
         if parallel_config is not None and not isinstance(parallel_config, TensorParallelConfig):
             raise ValueError(f"parallel_config={parallel_config!r}: expected a "
                              f"TensorParallelConfig or None")

@@ -45,6 +45,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from .collectives import max_from_axis, reduce_from_axis
 from .mesh import check_axis
 
 __all__ = ["cross_entropy", "vocab_parallel_token_losses", "vocab_parallel_cross_entropy",
@@ -129,10 +130,10 @@ def vocab_parallel_token_losses(logits: jax.Array, targets: jax.Array, axis_name
     local = targets.astype(jnp.int32) - start
     in_block = valid & (local >= 0) & (local < c)
     safe = jnp.where(in_block, local, 0)
-    m = lax.pmax(lax.stop_gradient(jnp.max(x, axis=-1)), axis_name)
+    m = max_from_axis(jnp.max(x, axis=-1), axis_name)
     sumexp = jnp.sum(jnp.exp(x - m[..., None]), axis=-1)
     tgt = jnp.where(in_block, jnp.take_along_axis(x, safe[..., None], axis=-1)[..., 0], 0.0)
-    stats = lax.psum(jnp.stack([sumexp, tgt, jnp.sum(x, axis=-1)]), axis_name)
+    stats = reduce_from_axis(jnp.stack([sumexp, tgt, jnp.sum(x, axis=-1)]), axis_name)
     eps = float(label_smoothing)
     losses = m + jnp.log(stats[0]) - (1.0 - eps) * stats[1] - (eps / vocab_size) * stats[2]
     return jnp.where(valid, losses, 0.0)

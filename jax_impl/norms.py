@@ -43,6 +43,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .collectives import reduce_from_axis
 from .linear import TensorParallelConfig
 
 __all__ = ["SHARDINGS", "ParallelLayerNorm", "ParallelRMSNorm"]
@@ -61,7 +62,7 @@ def _normalize(x, kind: str, eps: float, axis_name: str | None):
 
     def total(v):
         s = jnp.sum(v, axis=-1, keepdims=True)
-        return lax.psum(s, axis_name) if axis_name else s
+        return reduce_from_axis(s, axis_name) if axis_name else s
 
     if kind == "layer":
         xc = x - total(x) / d

@@ -76,7 +76,7 @@ def jax_mesh(make_jax_mesh, axis_size):
 @pytest.fixture(scope="session")
 def xla_device():
     """Enable torch_xla SPMD (once per process) and return the XLA device."""
-    try:  # DESIGN.md: jax imported first when both runtimes share a process
+    try:  # docs/design.md: jax imported first when both runtimes share a process
         import jax  # noqa: F401
     except ImportError:
         pass

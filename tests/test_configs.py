@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jax_impl.configs import (ConfigDict, ModelConfig, ParallelConfig, SubModelConfig,
+from ringpar.configs import (ConfigDict, ModelConfig, ParallelConfig, SubModelConfig,
                               mesh_axis_names, mesh_axis_sizes)
 
 # Field -> default documented in seed 004 (xlstm_jax.models.configs.ParallelConfig).
@@ -186,7 +186,7 @@ def test_sub_model_config_to_dict():
 
 
 def test_configs_import_no_framework():
-    code = ("import sys, jax_impl.configs, torch_impl.configs, jax_impl.matmul_methods; "
+    code = ("import sys, jax_impl.configs, torch_impl.configs, ringpar.matmul_methods; "
             "bad = [m for m in ('jax', 'torch', 'flax', 'torch_xla') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

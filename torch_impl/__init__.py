@@ -7,8 +7,9 @@ framework-neutral) can be used without torch installed.
 import importlib
 
 _SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel",
-               "linear", "pipeline_parallel", "embedding", "losses", "norms",
-               "gpt", "parallelize")
+               "linear", "pipeline_parallel", "pipeline_circular", "embedding", "losses", "norms",
+               "gpt", "parallelize", "data_parallel",
+               "parallelize_layers", "styles", "plans")
 
 __all__ = list(_SUBMODULES)
 

@@ -12,6 +12,11 @@ need the mesh take it as the keyword-only argument ``mesh``.
 - ``stack_params(params, axis_name, axis=0, mask_except=None, mesh=...)``: n per-device parameter
   pytrees -> one pytree of stacked tensors sharded over ``axis_name`` at dim ``axis``.
 - ``unstack_params(params, axis_name, axis=0, mesh=...)``: the inverse, a list of n pytrees.
+- ``to_stacked(x, axis_name, dim=-1, mesh=...)``: a global tensor split on ``dim`` -> the stacked
+  view ``[n, ...]`` (a reshape: no data moves when ``x`` is sharded on ``dim``).
+- ``from_stacked(x, axis_name, dim=-1, mesh=...)``: the inverse, a global tensor sharded on ``dim``.
+
+The stacked view and the layouts table: ``docs/design.md``.
 
 Random numbers cannot match JAX's (different generators): the two backends agree by loading the
 same weights (``state_dict`` keys = JAX paths joined by '.'), not by drawing them.
@@ -25,26 +30,22 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from ringpar.seeding import fold_in, resolve_seed  # noqa: F401  (fold_in: re-export)
+
 from . import mesh as _mesh
 
-__all__ = ["fold_rng_over_axis", "split_array_over_mesh", "stack_params", "unstack_params"]
+__all__ = ["fold_rng_over_axis", "split_array_over_mesh", "stack_params", "unstack_params",
+           "to_stacked", "from_stacked"]
 
 PyTree = Any
-_MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
+def draw_seed(seed: int | None) -> int:
+    """``seed`` checked, or one drawn from torch's global generator (``torch.manual_seed`` fixes it).
 
-
-def fold_in(seed: int, index: int) -> int:
-    """A new 63-bit seed from ``seed`` and ``index`` (deterministic, well mixed: splitmix64)."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed={seed!r}: expected an int")
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (index & _MASK64)) >> 1
+    torch-only: JAX layers take an rng key instead of an int seed.
+    """
+    return resolve_seed(seed, draw=lambda: torch.randint(0, 2**62, (1,)).item())
 
 
 def _base_seed(rng: int | torch.Generator) -> int:
@@ -103,19 +104,23 @@ def split_array_over_mesh(x: torch.Tensor, axis_name: str, split_axis: int, *,
         ValueError: if ``split_axis`` is out of range, ``x.shape[split_axis]`` is not divisible by
             n, or the mesh has no ``axis_name``.
     """
+    return _split_to_stacked(x, axis_name, split_axis, mesh, "split_axis")
+
+
+def _split_to_stacked(x, axis_name: str, dim: int, mesh, argument: str) -> torch.Tensor:
     n = _mesh.check_axis(mesh, axis_name)
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not -x.dim() <= split_axis < x.dim():
-        raise ValueError(f"split_axis={split_axis}: expected an axis of a tensor with {x.dim()} "
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{argument}={dim!r}: expected an axis of a tensor with {x.dim()} "
                          f"dimensions (shape {tuple(x.shape)})")
-    ax = split_axis % x.dim()
-    dim = x.shape[ax]
-    if dim % n:
-        raise ValueError(f"x.shape[{split_axis}]={dim}: expected a size divisible by the size {n} "
+    ax = dim % x.dim()
+    size = x.shape[ax]
+    if size % n:
+        raise ValueError(f"x.shape[{dim}]={size}: expected a size divisible by the size {n} "
                          f"of axis {axis_name!r}")
     shape = tuple(x.shape)
-    y = x.reshape(shape[:ax] + (n, dim // n) + shape[ax + 1:]).movedim(ax, 0)
+    y = x.reshape(shape[:ax] + (n, size // n) + shape[ax + 1:]).movedim(ax, 0)
     if y.device.type != "xla":
         y = y.contiguous().to(_mesh.xla_device())
     return _mesh.mark_stacked(y, mesh, axis_name)
@@ -200,3 +205,51 @@ def unstack_params(params: PyTree, axis_name: str, axis: int = 0, *, mesh) -> li
                              f"{n} (axis {axis_name!r}) at dim {axis}")
     return [pytree.tree_unflatten([leaf.select(axis, j) for leaf in leaves], spec)
             for j in range(n)]
+
+
+def to_stacked(x: torch.Tensor, axis_name: str, dim: int = -1, *, mesh) -> torch.Tensor:
+    """The stacked view of the global ``x``: ``dim`` split in n blocks, block j in row j.
+
+    Global ``[..., F, ...]`` (``F`` at ``dim``) -> ``[n, ..., F/n, ...]``, dim 0 sharded over
+    ``axis_name`` (size n): row j is what device j holds when ``x`` is sharded on ``dim``, the
+    value a JAX ``shard_map`` with ``P(..., axis_name at dim, ...)`` passes to device j. When
+    ``x`` is sharded that way already this is a reshape (no communication). A CPU tensor is
+    moved to the XLA device. Same as ``split_array_over_mesh(x, axis_name, dim, mesh=mesh)``.
+
+    Example::
+
+        xs = to_stacked(x, "tp", mesh=mesh)          # [B, F] -> [n, B, F/n]
+        y = from_stacked(xs * 2, "tp", mesh=mesh)    # back to [B, F], sharded on F
+
+    Raises:
+        ValueError: ``dim`` out of range, its size not divisible by n, or no ``axis_name``.
+    """
+    return _split_to_stacked(x, axis_name, dim, mesh, "dim")
+
+
+def from_stacked(x: torch.Tensor, axis_name: str, dim: int = -1, *, mesh) -> torch.Tensor:
+    """Inverse of :func:`to_stacked`: the rows of the stacked ``x`` concatenated along ``dim``.
+
+    Stacked ``[n, ..., F/n, ...]`` -> global ``[..., F, ...]`` sharded on ``dim`` over
+    ``axis_name`` (``dim`` counts the dims after the stacked dim 0, as the per-device dims of
+    JAX). A reshape: no communication.
+
+    Raises:
+        ValueError: ``x`` not on the XLA device, dim 0 not of size n, ``dim`` out of range.
+    """
+    n = _mesh.check_axis(mesh, axis_name)
+    _mesh.check_on_device(x, "x")
+    if x.dim() < 2 or x.shape[0] != n:
+        raise ValueError(f"x.shape={tuple(x.shape)}: expected the stacked view [n, ...] with dim "
+                         f"0 of size n={n}, the size of axis {axis_name!r}, and rank >= 2")
+    rank = x.dim() - 1
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
+        raise ValueError(f"dim={dim!r}: expected an axis of the per-device shape "
+                         f"{tuple(x.shape[1:])}")
+    d = dim % rank
+    y = _mesh.mark_stacked(x, mesh, axis_name).movedim(0, d)
+    shape = tuple(y.shape)
+    y = y.reshape(shape[:d] + (n * shape[d + 1],) + shape[d + 2:])
+    spec = [None] * rank
+    spec[d] = axis_name
+    return _mesh.mark_sharding(y, mesh, spec)

@@ -11,29 +11,50 @@ Because torch has no bound axis names, every function that needs the mesh takes 
 keyword-only argument ``mesh`` (after the JAX arguments, so ``f(x, "tp", mesh=mesh)`` reads like
 the JAX call ``f(x, "tp")``).
 
-Communication (each checked against the compiled, partitioned HLO in the tests):
+Conjugate pairs (in the style of Megatron-LM's ``mappings.py``: one ``autograd.Function`` per
+pair, named by its forward, whose ``backward`` is the transpose; each checked against the
+compiled, partitioned HLO in the tests). Every collective of the torch layers is one of these;
+no other module open-codes a cross-device sum:
 
-- ``ring_permute``: one ``collective-permute`` with the ring pairs forward, one with the inverse
-  pairs backward (a custom ``autograd.Function``; autograd of the plain cat/narrow shift would
-  emit three permutes in the backward).
-- ``all_gather_features``: one ``all-gather`` forward, one ``reduce-scatter`` backward.
-- ``reduce_scatter_features``: one ``reduce-scatter`` forward, one ``all-gather`` backward.
+=========================  =====================================  ===============================
+function (Function)        forward                                backward
+=========================  =====================================  ===============================
+``ring_permute``           one ``collective-permute`` (ring)      one permute, inverse pairs
+(``_RingShift``)
+``all_gather_features``    one ``all-gather`` (last dim)          one ``reduce-scatter``
+(``_AllGatherFeatures``)
+``reduce_scatter_features``  one ``reduce-scatter`` (last dim)    one ``all-gather``
+(``_ReduceScatterFeatures``)
+``copy_to_axis``           none (replicated -> stacked rows)      one ``all-reduce``
+(``_CopyToAxis``)
+``reduce_from_axis``       one ``all-reduce`` (stacked ->         none (broadcast)
+(``_ReduceFromAxis``)      replicated)
+``max_from_axis``          one ``all-reduce(max)``, no gradient   --
+=========================  =====================================  ===============================
 
-These are the ops JAX emits for ``ppermute`` / ``all_gather(tiled)`` / ``psum_scatter(tiled)`` and
-their transposes, with the same ``source_target_pairs`` / ``replica_groups``.
+These are the ops JAX emits for ``ppermute`` / ``all_gather(tiled)`` / ``psum_scatter(tiled)`` /
+the implicit psum of a replicated input's cotangent / ``psum`` / ``pmax`` and their transposes,
+with the same ``source_target_pairs`` / ``replica_groups`` (``docs/design.md``, "Matching a
+collective across backends"). The pipeline's ring between stages is ``ring_permute`` too (with
+``spec`` keeping the data-parallel dims sharded).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
+from ringpar.rings import ring_perm  # noqa: F401  (re-export: one definition)
+
 from . import mesh as _mesh
+from . import xla
 
 __all__ = ["ring_perm", "ring_permute", "axis_index", "all_gather_features",
-           "reduce_scatter_features", "split_features", "axis_size"]
+           "reduce_scatter_features", "copy_to_axis", "reduce_from_axis", "max_from_axis",
+           "split_features", "axis_size"]
 
 
 def axis_size(axis_name: str, *, mesh) -> int:
@@ -48,47 +69,45 @@ def _check_stacked(x: torch.Tensor, n: int, axis_name: str, argument: str = "x")
                          f"with dim 0 of size n={n}, the size of axis {axis_name!r}")
 
 
-def ring_perm(n: int, shift_up: bool = True) -> list[tuple[int, int]]:
-    """Pairs ``(j, j+1 mod n)`` of a cyclic shift up, or ``(j+1 mod n, j)`` for a shift down.
-
-    Shift up means device 0 sends to device 1 (device j receives from j-1); shift down means
-    device 1 sends to device 0 (device j receives from j+1). Indices are positions along the axis.
-    """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n={n!r}: expected a positive int ring size")
-    if shift_up:
-        return [(j, (j + 1) % n) for j in range(n)]
-    return [((j + 1) % n, j) for j in range(n)]
-
-
-def _shift(x: torch.Tensor, shift_up: bool, mesh, axis_name: str) -> torch.Tensor:
-    """Cyclic shift of dim 0 by one (``out[j] = x[j-1]`` up, ``x[j+1]`` down), then re-shard.
+def _shift(x: torch.Tensor, shift_up: bool, mesh, spec: tuple) -> torch.Tensor:
+    """Cyclic shift of dim 0 by one (``out[j] = x[j-1]`` up, ``x[j+1]`` down), re-sharded by spec.
 
     On a dim 0 sharded n ways, cat of two narrows compiles to exactly one collective-permute
-    (``torch.roll`` would compile to all-to-all + all-gather).
+    (``torch.roll`` would compile to all-to-all + all-gather). The constraint is the traceable
+    one, so the same shift runs inside ``torch_impl.xla.scan`` (the pipeline loop).
     """
     n = x.shape[0]
     if shift_up:
         y = torch.cat([x.narrow(0, n - 1, 1), x.narrow(0, 0, n - 1)], 0)
     else:
         y = torch.cat([x.narrow(0, 1, n - 1), x.narrow(0, 0, 1)], 0)
-    return _mesh.mark_stacked(y, mesh, axis_name)
+    return xla.aot_mark_sharding(y, mesh, spec)
 
 
 class _RingShift(torch.autograd.Function):
     """Forward: one cyclic shift of dim 0; backward: the inverse shift (one permute each way)."""
 
     @staticmethod
-    def forward(ctx, x, shift_up, mesh, axis_name):
-        ctx.shift_up, ctx.mesh, ctx.axis_name = shift_up, mesh, axis_name
-        return _shift(x, shift_up, mesh, axis_name)
+    def forward(ctx, x, shift_up, mesh, spec):
+        ctx.shift_up, ctx.mesh, ctx.spec = shift_up, mesh, spec
+        return _shift(x, shift_up, mesh, spec)
 
     @staticmethod
     def backward(ctx, grad):
-        return _shift(grad, not ctx.shift_up, ctx.mesh, ctx.axis_name), None, None, None
+        return _shift(grad, not ctx.shift_up, ctx.mesh, ctx.spec), None, None, None
 
 
-def ring_permute(x: Any, axis_name: str, shift_up: bool = True, *, mesh) -> Any:
+def _leaf_spec(leaf: torch.Tensor, axis_name: str, spec) -> tuple:
+    if spec is None:
+        return _mesh.stacked_spec(leaf.dim(), axis_name)
+    spec = tuple(spec)
+    if len(spec) != leaf.dim() or spec[0] != axis_name:
+        raise ValueError(f"spec={spec!r}: expected {leaf.dim()} entries (the rank of x) starting "
+                         f"with axis_name={axis_name!r}")
+    return spec
+
+
+def ring_permute(x: Any, axis_name: str, shift_up: bool = True, *, mesh, spec=None) -> Any:
     """Cyclically shift every tensor leaf of ``x`` by one position over ``axis_name``.
 
     Args:
@@ -97,9 +116,12 @@ def ring_permute(x: Any, axis_name: str, shift_up: bool = True, *, mesh) -> Any:
         axis_name: The mesh axis of the ring (size n).
         shift_up: Device j receives the value of device j-1 (mod n), else of device j+1.
         mesh: The torch_xla mesh holding ``axis_name``.
+        spec: The sharding of each shifted leaf (torch only; default: dim 0 over ``axis_name``,
+            all else replicated). The pipeline passes ``(pp, data axes, None, ...)`` so the
+            data-parallel batch stays sharded through the ring.
 
     Returns:
-        The shifted pytree (``out[j] = x[j-1]`` for shift up), dim 0 sharded over ``axis_name``.
+        The shifted pytree (``out[j] = x[j-1]`` for shift up), sharded by ``spec``.
         One ``collective-permute`` per leaf forward and one backward (the inverse pairs). On an
         axis of size 1 this is the identity (no collective).
 
@@ -113,7 +135,8 @@ def ring_permute(x: Any, axis_name: str, shift_up: bool = True, *, mesh) -> Any:
         _check_stacked(leaf, n, axis_name, "x" if len(leaves) == 1 else f"x (leaf {i})")
     if n == 1:
         return x
-    return pytree.tree_map(lambda t: _RingShift.apply(t, bool(shift_up), mesh, axis_name), x)
+    return pytree.tree_map(
+        lambda t: _RingShift.apply(t, bool(shift_up), mesh, _leaf_spec(t, axis_name, spec)), x)
 
 
 def axis_index(axis_name: str, *, mesh) -> torch.Tensor:
@@ -181,23 +204,126 @@ def all_gather_features(x: torch.Tensor, axis_name: str, *, mesh) -> torch.Tenso
     return _AllGatherFeatures.apply(x, mesh, axis_name)
 
 
-def reduce_scatter_features(x: torch.Tensor, axis_name: str, *, mesh) -> torch.Tensor:
-    """Sum ``x`` over the devices of ``axis_name`` and keep each device's block of the last axis.
+def reduce_scatter_features(x: torch.Tensor, axis_name: str, dim: int = -1, *,
+                            mesh) -> torch.Tensor:
+    """Sum ``x`` over the devices of ``axis_name`` and keep each device's block of axis ``dim``.
 
     Stacked view: ``[n, ..., F]`` -> ``[n, ..., F/n]`` with row j =
-    ``sum_d x[d, ..., j*F/n:(j+1)*F/n]``. One ``reduce-scatter`` forward, one ``all-gather``
-    backward. Raises ValueError if F is not divisible by n. Identity on an axis of size 1.
+    ``sum_d x[d, ..., j*F/n:(j+1)*F/n]`` (``dim=-1``, the default). ``dim`` counts the
+    per-device dims, as in JAX: dim 0 is the first dim after the stacked device dim. One
+    ``reduce-scatter`` forward, one ``all-gather`` backward. Raises ValueError if the size of
+    ``dim`` is not divisible by n. Identity on an axis of size 1.
     """
     n = axis_size(axis_name, mesh=mesh)
     _check_stacked(x, n, axis_name)
     if x.dim() < 2:
         raise ValueError(f"x.shape={tuple(x.shape)}: expected [n, ..., features] (rank >= 2)")
-    if x.shape[-1] % n:
-        raise ValueError(f"x.shape[-1]={x.shape[-1]}: expected the number of features to be "
+    rank = x.dim() - 1
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank:
+        raise ValueError(f"dim={dim!r}: expected an int in [-{rank}, {rank}) for the per-device "
+                         f"rank {rank}")
+    d = 1 + dim % rank  # the dim in the stacked view
+    if x.shape[d] % n:
+        shown = dim if dim < 0 else d  # the index into the stacked x, as the user wrote it
+        raise ValueError(f"x.shape[{shown}]={x.shape[d]}: expected the number of features to be "
                          f"divisible by the size {n} of axis {axis_name!r}")
     if n == 1:
         return x
-    return _ReduceScatterFeatures.apply(x, mesh, axis_name)
+    if d == x.dim() - 1:
+        return _ReduceScatterFeatures.apply(x, mesh, axis_name)
+    moved = _mesh.mark_stacked(x.movedim(d, -1), mesh, axis_name)
+    return _ReduceScatterFeatures.apply(moved, mesh, axis_name).movedim(-1, d)
+
+
+def _sum_rows(x: torch.Tensor, mesh, axis_name: str) -> torch.Tensor:
+    """Stacked ``[n, *S]`` -> replicated ``S``: the sum over the devices (one all-reduce)."""
+    y = _mesh.mark_stacked(x, mesh, axis_name).sum(0)
+    return _mesh.mark_sharding(y, mesh, (None,) * y.dim())
+
+
+def _broadcast_rows(x: torch.Tensor, n: int, mesh, axis_name: str) -> torch.Tensor:
+    """Replicated ``S`` -> stacked ``[n, *S]``, every row ``x`` (an expand: no copy, no comm)."""
+    return _mesh.mark_stacked(x.unsqueeze(0).expand(n, *x.shape), mesh, axis_name)
+
+
+class _CopyToAxis(torch.autograd.Function):
+    """Forward: replicated -> one copy per device (no comm); backward: all-reduce (the sum).
+
+    The gradients of ALL leaves are flattened into one ``[n, K]`` tensor and summed at once: ONE
+    all-reduce, as XLA combines JAX's per-parameter psums under ``shard_map`` into one (torch_xla's
+    pipeline does not combine them).
+    """
+
+    @staticmethod
+    def forward(ctx, n, mesh, axis_name, *leaves):
+        ctx.n, ctx.mesh, ctx.axis_name = n, mesh, axis_name
+        ctx.shapes = [tuple(t.shape) for t in leaves]
+        return tuple(_broadcast_rows(t, n, mesh, axis_name) for t in leaves)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([g.reshape(ctx.n, -1) for g in grads], 1)
+        flat = _sum_rows(flat, ctx.mesh, ctx.axis_name)
+        sizes = [math.prod(s) for s in ctx.shapes]
+        out = [g.reshape(s) for g, s in zip(torch.split(flat, sizes), ctx.shapes)]
+        return (None, None, None, *out)
+
+
+class _ReduceFromAxis(torch.autograd.Function):
+    """Forward: all-reduce (sum over the devices); backward: broadcast to every device (no comm)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, axis_name):
+        ctx.n = x.shape[0]
+        return _sum_rows(x, mesh, axis_name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the plain expand autograd would give for ``sum(0)``: the partitioner keeps it local
+        return grad.unsqueeze(0).expand(ctx.n, *grad.shape), None, None
+
+
+def copy_to_axis(x: Any, axis_name: str, *, mesh) -> Any:
+    """Use replicated values on every device of ``axis_name``; their gradients are summed.
+
+    Stacked view: each replicated leaf ``S`` of the pytree ``x`` -> ``[n, *S]`` with every row
+    equal (an expand: no communication); the backward sums the row gradients of all leaves in ONE
+    ``all-reduce``. JAX twin: the identity, whose cotangent ``shard_map`` psums for a replicated
+    input. Megatron: ``copy_to_tensor_model_parallel_region``. Example::
+
+        w_rows = copy_to_axis(w, "tp", mesh=mesh)     # [n, *w.shape]
+    """
+    n = axis_size(axis_name, mesh=mesh)
+    leaves, spec = pytree.tree_flatten(x)
+    for i, leaf in enumerate(leaves):
+        _mesh.check_on_device(leaf, "x" if len(leaves) == 1 else f"x (leaf {i})")
+    if not leaves:
+        return x
+    return pytree.tree_unflatten(list(_CopyToAxis.apply(n, mesh, axis_name, *leaves)), spec)
+
+
+def reduce_from_axis(x: torch.Tensor, axis_name: str, *, mesh) -> torch.Tensor:
+    """Sum the per-device values over ``axis_name`` (``psum``); the gradient is broadcast back.
+
+    Stacked view: ``[n, *S]`` -> replicated ``S`` (one ``all-reduce``); backward: the gradient of
+    every row is the incoming gradient (no communication). Example: ``reduce_from_axis(rows,
+    "tp", mesh=mesh)`` adds the vocab-parallel embedding rows of all devices.
+    """
+    n = axis_size(axis_name, mesh=mesh)
+    _check_stacked(x, n, axis_name)
+    return _ReduceFromAxis.apply(x, mesh, axis_name)
+
+
+def max_from_axis(x: torch.Tensor, axis_name: str, *, mesh) -> torch.Tensor:
+    """Maximum of the per-device values over ``axis_name`` (``pmax``), without gradient.
+
+    Stacked view: ``[n, *S]`` -> replicated ``S`` (one ``all-reduce`` with max). The input is
+    detached: as in JAX, where ``pmax`` has no transpose, callers use it for a stabilizing shift.
+    """
+    n = axis_size(axis_name, mesh=mesh)
+    _check_stacked(x, n, axis_name)
+    y = _mesh.mark_stacked(x.detach(), mesh, axis_name).amax(0)
+    return _mesh.mark_sharding(y, mesh, (None,) * y.dim())
 
 
 def split_features(x: Any, num: int, argument: str = "x") -> list[Any]:

@@ -1,9 +1,15 @@
-"""Configuration classes for the torch backend: the framework-neutral ``jax_impl.configs``.
+"""Configuration classes of the torch backend: the framework-neutral :mod:`ringpar.configs`.
 
-``jax_impl.configs`` imports neither JAX nor torch, so both backends share one ParallelConfig.
+Twin of ``jax_impl.configs``: both re-export the same classes, so one ParallelConfig drives
+both backends (seed: xlstm-jax ``models.configs``).
+
+Example:
+    >>> from torch_impl.configs import ParallelConfig
+    >>> ParallelConfig(model_axis_size=4).model_axis_name
+    'tp'
 """
 
-from jax_impl.configs import (  # noqa: F401  (re-export)
+from ringpar.configs import (  # noqa: F401  (re-export)
     ConfigDict,
     ModelConfig,
     ParallelConfig,

@@ -3,7 +3,7 @@
 The table ``embedding`` ``[num_embeddings, features]`` (the Flax ``nnx.Embed`` name and layout,
 so ``state_dict`` keys match the JAX parameter tree; ``nn.Embedding`` calls it ``weight``, same
 layout) is sharded on the vocabulary over the tp axis: device i holds rows ``[i*c, (i+1)*c)``,
-``c = num_embeddings / n``. In the stacked view (DESIGN.md) the table is ``[n, c, features]``
+``c = num_embeddings / n``. In the stacked view (docs/design.md) the table is ``[n, c, features]``
 (a reshape of the dim-0-sharded table: no data moves); each device looks up the ids inside its
 block (a ``torch.gather`` along the unsharded dim 1, local) and zeroes the others, giving
 partial sums ``[n, ..., features]`` of the output, completed by one collective:
@@ -35,8 +35,12 @@ import typing as tp
 import torch
 from torch import nn
 
+from ringpar.validation import positive_int
+
 from . import mesh as _mesh
-from .collectives import axis_index, reduce_scatter_features
+from . import xla
+from .array_utils import draw_seed
+from .collectives import axis_index, reduce_from_axis, reduce_scatter_features
 from .linear import TensorParallelConfig
 
 __all__ = ["default_embed_init", "vocab_parallel_lookup", "VocabParallelEmbed"]
@@ -47,20 +51,6 @@ def default_embed_init(generator, shape, dtype=torch.float32) -> torch.Tensor:
     out = torch.empty(tuple(shape), dtype=torch.float32)
     out.normal_(0.0, 1.0 / math.sqrt(shape[-1]), generator=generator)
     return out.to(dtype)
-
-
-def _positive_int(name: str, value: tp.Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
-    return value
-
-
-def _draw_seed(seed: int | None) -> int:
-    if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed={seed!r}: expected an int or None")
-    return seed
 
 
 def vocab_parallel_lookup(ids: torch.Tensor, table: torch.Tensor, axis_name: str, *,
@@ -116,8 +106,8 @@ class VocabParallelEmbed(nn.Module):
                  parallel_config: TensorParallelConfig | None = None, scatter_dim: int = -1,
                  padding_idx: int | None = None, seed: int | None = None):
         super().__init__()
-        self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
-        self.features = _positive_int("features", features)
+        self.num_embeddings = positive_int("num_embeddings", num_embeddings)
+        self.features = positive_int("features", features)
         if parallel_config is not None and not isinstance(parallel_config, TensorParallelConfig):
             raise ValueError(f"parallel_config={parallel_config!r}: expected a "
                              f"TensorParallelConfig or None")
@@ -133,7 +123,7 @@ class VocabParallelEmbed(nn.Module):
         self.parallel_config, self.scatter_dim = parallel_config, scatter_dim
         self.padding_idx = padding_idx
         self.is_parallel = parallel_config is not None and parallel_config.active
-        generator = torch.Generator().manual_seed(_draw_seed(seed))
+        generator = torch.Generator().manual_seed(draw_seed(seed))
         table = embedding_init(generator, (num_embeddings, features), param_dtype)
         if not isinstance(table, torch.Tensor) or tuple(table.shape) != (num_embeddings, features):
             raise ValueError(f"embedding_init returned {getattr(table, 'shape', type(table))}: "
@@ -188,9 +178,7 @@ class VocabParallelEmbed(nn.Module):
 
     @staticmethod
     def _reshard_after_load(module, incompatible_keys) -> None:
-        import torch_xla
-
-        if not torch_xla._XLAC._get_xla_sharding_spec(module.embedding):
+        if not xla.has_sharding(module.embedding):
             module.reshard()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -216,12 +204,9 @@ class VocabParallelEmbed(nn.Module):
                                      mesh, ax)
         rows = vocab_parallel_lookup(ids, stacked, ax, mesh=mesh, padding_idx=self.padding_idx)
         if not cfg.reduce_scatter_output:
-            y = _mesh.mark_sharding(rows.sum(0), mesh, (None,) * out_rank)  # psum
+            y = reduce_from_axis(rows, ax, mesh=mesh)
             return y.to(out_dtype)
-        # reduce-scatter on output dim d: move it last (stacked dim 1 + d), scatter, move back
-        moved = _mesh.mark_stacked(rows.movedim(1 + d, -1), mesh, ax)
-        part = reduce_scatter_features(moved, ax, mesh=mesh)  # [n, ..., size/n]: row j = block j
-        part = part.movedim(-1, 1 + d)  # [n, ..., size/n at d, ...]
+        part = reduce_scatter_features(rows, ax, d, mesh=mesh)  # [n, ..., size/n at d, ...]
         y = part.movedim(0, d).reshape(ids.shape + (self.features,))
         spec = [None] * out_rank
         spec[d] = ax

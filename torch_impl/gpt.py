@@ -4,7 +4,7 @@
 Same modules, same parameter tree (``state_dict`` keys = the JAX ``nnx.state`` paths joined by
 '.', same global shapes and layouts: kernels ``[in, out]``, the fused ``attn.qkv`` kernel
 head-major), same tensor-parallel modes and the same communication as the JAX module, whose
-docstring has the parameter table and the per-mode collectives. Tensors are global (DESIGN.md):
+docstring has the parameter table and the per-mode collectives. Tensors are global (docs/design.md):
 ``model(tokens)`` takes ``[B, S]`` ids on the XLA device and returns global logits ``[B, S, V]``
 annotated as sharded on V. The attention core runs in the stacked view ``[n, B, S, H/n, 3, hd]``
 (a reshape of the head-sharded qkv: no data moves), the twin of the JAX per-device body.
@@ -22,7 +22,6 @@ Harness helpers (same names as the JAX twin): ``gpt_param_shapes(config)``,
 
 from __future__ import annotations
 
-import dataclasses
 import typing as tp
 
 import numpy as np
@@ -30,7 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ringpar.gpt_config import NORMS, TP_MODES, GPTConfig, gpt_param_shapes  # noqa: F401
+
 from . import mesh as _mesh
+from .array_utils import from_stacked, to_stacked
 from .embedding import VocabParallelEmbed
 from .linear import (ColumnParallelLinear, MatrixMultiplyMethod, RowParallelLinear,
                      TensorParallelConfig)
@@ -39,105 +41,6 @@ from .norms import ParallelLayerNorm, ParallelRMSNorm
 
 __all__ = ["GPTConfig", "gpt_param_shapes", "PositionEmbed", "CausalSelfAttention", "MLP",
            "Block", "GPT", "load_params", "flat_params", "loss_and_grads", "forward_hlo"]
-
-TP_MODES = ("plain", "ring")
-NORMS = ("layernorm", "rmsnorm")
-
-
-# ----------------------------------------------------------------------------------- config
-@dataclasses.dataclass(frozen=True)
-class GPTConfig:
-    """Sizes and options of the GPT decoder (framework-neutral; identical in the JAX twin).
-
-    Attributes:
-        vocab_size: V (divisible by tp).
-        max_seq_len: Rows of the position embedding (longest sequence).
-        hidden_size: D (divisible by num_heads and by tp).
-        num_heads: H (divisible by tp).
-        num_layers: Number of blocks.
-        mlp_hidden_size: F (default 4 D; divisible by tp).
-        norm: "layernorm" or "rmsnorm".
-        norm_eps: Epsilon of the norms.
-        use_bias: Biases on the linear layers (the LM head never has one).
-        tp_mode: "plain" or "ring" (JAX module docstring).
-        bidirectional: Ring mode: run the rings both ways (``*_bidirectional`` methods).
-        label_smoothing, ignore_index: Options of the loss.
-    """
-
-    vocab_size: int = 128
-    max_seq_len: int = 16
-    hidden_size: int = 64
-    num_heads: int = 8
-    num_layers: int = 2
-    mlp_hidden_size: int | None = None
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    use_bias: bool = True
-    tp_mode: str = "plain"
-    bidirectional: bool = False
-    label_smoothing: float = 0.0
-    ignore_index: int = -100
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_seq_len", "hidden_size", "num_heads", "num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive int")
-        if self.mlp_hidden_size is not None and (
-                isinstance(self.mlp_hidden_size, bool) or not isinstance(self.mlp_hidden_size, int)
-                or self.mlp_hidden_size < 1):
-            raise ValueError(f"mlp_hidden_size={self.mlp_hidden_size!r}: expected None or a "
-                             f"positive int")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size}: expected a multiple of "
-                             f"num_heads={self.num_heads}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
-        if self.tp_mode not in TP_MODES:
-            raise ValueError(f"tp_mode={self.tp_mode!r}: expected one of {TP_MODES}")
-
-    @property
-    def ffn(self) -> int:
-        """F, the MLP hidden size."""
-        return self.mlp_hidden_size or 4 * self.hidden_size
-
-    @property
-    def head_dim(self) -> int:
-        """hd = D / H."""
-        return self.hidden_size // self.num_heads
-
-    def check_tp(self, n: int) -> None:
-        """ValueError (naming the module path) unless every split size is divisible by ``n``."""
-        checks = [("wte", "vocab_size", self.vocab_size),
-                  ("blocks.*.attn", "num_heads", self.num_heads),
-                  ("blocks.*.attn", "hidden_size", self.hidden_size),
-                  ("blocks.*.mlp", "mlp_hidden_size", self.ffn)]
-        for path, name, value in checks:
-            if value % n:
-                raise ValueError(f"{path}: {name}={value} is not divisible by the tensor-parallel "
-                                 f"size {n}")
-
-
-def gpt_param_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """{parameter path: global shape} of :class:`GPT` (the same dict on both backends)."""
-    d, f, v = config.hidden_size, config.ffn, config.vocab_size
-    norm = {"scale": (d,)} if config.norm == "rmsnorm" else {"scale": (d,), "bias": (d,)}
-
-    def linear(i, o):
-        return {"kernel": (i, o), "bias": (o,)} if config.use_bias else {"kernel": (i, o)}
-
-    tree = {"wte.embedding": (v, d), "wpe.embedding": (config.max_seq_len, d)}
-    for i in range(config.num_layers):
-        b = f"blocks.{i}"
-        parts = {"ln_1": norm, "attn.qkv": linear(d, 3 * d), "attn.proj": linear(d, d),
-                 "ln_2": norm, "mlp.fc": linear(d, f), "mlp.proj": linear(f, d)}
-        for mod, params in parts.items():
-            for name, shape in params.items():
-                tree[f"{b}.{mod}.{name}"] = shape
-    for name, shape in norm.items():
-        tree[f"ln_f.{name}"] = shape
-    tree["lm_head.kernel"] = (d, v)
-    return tree
 
 
 # -------------------------------------------------------------------------------- modules
@@ -249,12 +152,8 @@ def _attention_local(qkv: torch.Tensor, *, head_dim: int) -> torch.Tensor:
 def _parallel_attention(qkv: torch.Tensor, *, mesh, axis_name: str, head_dim: int):
     """Global qkv [B, S, 3D] sharded on its last dim -> global [B, S, D] sharded on its last dim;
     per device in the stacked view (no communication)."""
-    n = _mesh.check_axis(mesh, axis_name)
-    b, s, w = qkv.shape
-    stacked = _mesh.mark_stacked(qkv.reshape(b, s, n, w // n).movedim(2, 0), mesh, axis_name)
-    out = _mesh.mark_stacked(_attention_local(stacked, head_dim=head_dim), mesh, axis_name)
-    out = out.movedim(0, 2).reshape(b, s, -1)
-    return _mesh.mark_sharding(out, mesh, (None, None, axis_name))
+    stacked = to_stacked(qkv, axis_name, mesh=mesh)  # [n, B, S, 3D/n]
+    return from_stacked(_attention_local(stacked, head_dim=head_dim), axis_name, mesh=mesh)
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,8 +1,9 @@
 """Vocab-parallel cross-entropy on torch_xla SPMD (twin of :mod:`jax_impl.losses`).
 
-The same computation as the JAX module, in the stacked view (DESIGN.md): the logits ``[..., V]``,
-sharded on V over the tp axis (n devices), are viewed as ``[n, ..., V/n]`` with dim 0 sharded (row
-i = device i's vocab block ``[i*V/n, (i+1)*V/n)``; a reshape, no data moves). Per device:
+The same computation as the JAX module, in the stacked view (docs/design.md): the logits
+``[..., V]``, sharded on V over the tp axis (n devices), are viewed as ``[n, ..., V/n]`` with dim
+0 sharded (row i = device i's vocab block ``[i*V/n, (i+1)*V/n)``; ``array_utils.to_stacked``, a
+reshape: no data moves). Per device:
 
 1. ``m = max over devices of (max_v logits_i)`` (detached): one all-reduce(max);
 2. ``[sum_v exp(logits_i - m), logits_i[target] if target in block i else 0, sum_v logits_i]``
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from . import mesh as _mesh
-from .collectives import axis_index
+from .array_utils import to_stacked
+from .collectives import axis_index, max_from_axis, reduce_from_axis
 
 __all__ = ["cross_entropy", "vocab_parallel_token_losses", "vocab_parallel_cross_entropy",
            "VocabParallelCrossEntropy"]
@@ -118,23 +120,14 @@ def vocab_parallel_token_losses(logits: torch.Tensor, targets: torch.Tensor, axi
     local = _mesh.mark_stacked(targets.to(torch.int64).unsqueeze(0) - start, mesh, axis_name)
     in_block = valid.unsqueeze(0) & (local >= 0) & (local < c)
     safe = torch.where(in_block, local, torch.zeros_like(local))
-    replicated = (None,) * targets.dim()
-    m = _mesh.mark_stacked(x.detach().amax(-1), mesh, axis_name).amax(0)  # pmax
-    m = _mesh.mark_sharding(m, mesh, replicated)
+    m = max_from_axis(x.detach().amax(-1), axis_name, mesh=mesh)
     sumexp = torch.exp(x - m.unsqueeze(0).unsqueeze(-1)).sum(-1)
     picked = torch.gather(x, -1, safe.unsqueeze(-1)).squeeze(-1)
     tgt = torch.where(in_block, picked, torch.zeros_like(picked))
-    stats = _mesh.mark_stacked(torch.stack([sumexp, tgt, x.sum(-1)], 1), mesh, axis_name)
-    stats = _mesh.mark_sharding(stats.sum(0), mesh, (None,) + replicated)  # psum
+    stats = reduce_from_axis(torch.stack([sumexp, tgt, x.sum(-1)], 1), axis_name, mesh=mesh)
     eps = float(label_smoothing)
     losses = m + torch.log(stats[0]) - (1.0 - eps) * stats[1] - (eps / vocab_size) * stats[2]
     return torch.where(valid, losses, torch.zeros_like(losses))
-
-
-def _to_stacked(x: torch.Tensor, n: int, mesh, axis_name: str) -> torch.Tensor:
-    """Global ``[..., F]`` (sharded on F) -> stacked ``[n, ..., F/n]`` (a reshape, no data move)."""
-    y = x.reshape(*x.shape[:-1], n, x.shape[-1] // n).movedim(-2, 0)
-    return _mesh.mark_stacked(y, mesh, axis_name)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, mesh,
@@ -159,7 +152,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,
     if logits.shape[-1] % n:
         raise ValueError(f"logits.shape[-1]={logits.shape[-1]}: expected the vocabulary size to "
                          f"be divisible by the size {n} of axis {axis_name!r}")
-    stacked = _to_stacked(logits, n, mesh, axis_name)
+    stacked = to_stacked(logits, axis_name, mesh=mesh)  # [n, ..., V/n]
     losses = vocab_parallel_token_losses(stacked, targets, axis_name, vocab_size=logits.shape[-1],
                                          label_smoothing=float(label_smoothing),
                                          ignore_index=ignore_index, mesh=mesh)

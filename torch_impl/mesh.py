@@ -1,8 +1,8 @@
-"""Device meshes for the torch_xla SPMD backend, and the thin layer over torch_xla.
+"""Device meshes for the torch_xla SPMD backend, and the stacked-view sharding helpers.
 
-Every torch_xla call the library makes about meshes, devices and shardings goes through this
-module, so the stacked-view code elsewhere could move to another SPMD backend by rewriting this
-file alone.
+Every torch_xla call sits in :mod:`torch_impl.xla` (the one boundary module); this module adds
+the library's checks and conventions on top (mesh axes from a ParallelConfig, ValueError on bad
+input, the stacked-view spec). See ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import xla
 from .configs import ParallelConfig, mesh_axis_names, mesh_axis_sizes
 
 __all__ = ["create_mesh", "check_axis", "require_spmd", "xla_device", "num_devices",
@@ -17,18 +18,9 @@ __all__ = ["create_mesh", "check_axis", "require_spmd", "xla_device", "num_devic
            "manual_reduce_scatter", "compiled_hlo", "enable_spmd", "sync"]
 
 
-def _xla():
-    import torch_xla
-    import torch_xla.distributed.spmd as xs
-    import torch_xla.runtime as xr
-
-    return torch_xla, xs, xr
-
-
 def require_spmd() -> None:
     """Raise ValueError unless torch_xla SPMD mode is on (``torch_xla.runtime.use_spmd()``)."""
-    _, _, xr = _xla()
-    if not xr.is_spmd():
+    if not xla.is_spmd():
         raise ValueError("torch_xla SPMD is not enabled: call torch_xla.runtime.use_spmd() before "
                          "creating any XLA tensor (and set PJRT_DEVICE, e.g. PJRT_DEVICE=CPU "
                          "CPU_NUM_DEVICES=8 on a CPU host)")
@@ -36,14 +28,12 @@ def require_spmd() -> None:
 
 def xla_device() -> torch.device:
     """The SPMD virtual device that global-view tensors live on."""
-    torch_xla, _, _ = _xla()
-    return torch_xla.device()
+    return xla.device()
 
 
 def num_devices() -> int:
     """Number of devices in the SPMD program (all of them: torch_xla meshes cover every device)."""
-    _, _, xr = _xla()
-    return int(xr.global_runtime_device_count())
+    return xla.device_count()
 
 
 def create_mesh(config: ParallelConfig):
@@ -59,10 +49,9 @@ def create_mesh(config: ParallelConfig):
     if not isinstance(config, ParallelConfig):
         raise ValueError(f"config={config!r}: expected a ParallelConfig")
     require_spmd()
-    _, xs, _ = _xla()
     n = num_devices()
     shape = mesh_axis_sizes(config, n)
-    return xs.Mesh(np.arange(n), shape, mesh_axis_names(config))
+    return xla.make_mesh(range(n), shape, mesh_axis_names(config))
 
 
 def check_axis(mesh, axis_name: str, argument: str = "axis_name") -> int:
@@ -84,12 +73,10 @@ def check_on_device(tensor: torch.Tensor, argument: str = "x") -> None:
 
 def mark_sharding(tensor: torch.Tensor, mesh, spec) -> torch.Tensor:
     """Annotate ``tensor`` with a sharding: ``spec`` has one mesh axis name (or None) per dim."""
-    _, xs, _ = _xla()
     spec = tuple(spec)
     if len(spec) != tensor.dim():
         raise ValueError(f"spec={spec!r} has {len(spec)} entries for a tensor of rank {tensor.dim()}")
-    xs.mark_sharding(tensor, mesh, spec)
-    return tensor
+    return xla.mark_sharding(tensor, mesh, spec)
 
 
 # --------------------------------------------------------------------- stacked view helpers
@@ -126,10 +113,6 @@ def manual_reduce_scatter(tensor: torch.Tensor, mesh, axis_name: str, dim: int) 
     ``jax.lax.psum_scatter(tiled=True)`` emits; the automatic partitioner would instead emit an
     all-reduce for the same global computation.
     """
-    _, xs, _ = _xla()
-    import torch_xla
-    import torch_xla.core.xla_model as xm
-
     n = check_axis(mesh, axis_name)
     dim = dim % tensor.dim()
     if dim == 0:
@@ -138,73 +121,41 @@ def manual_reduce_scatter(tensor: torch.Tensor, mesh, axis_name: str, dim: int) 
         raise ValueError(f"tensor of shape {tuple(tensor.shape)}: expected dim 0 of size {n} and "
                          f"dim {dim} divisible by {n} (size of axis {axis_name!r})")
     spec = stacked_spec(tensor.dim(), axis_name)
-    local = xs.enable_manual_sharding(tensor, spec, mesh=mesh).global_tensor
-    local = torch_xla._XLAC._xla_spmd_reduce_scatter(xm.REDUCE_SUM, local, 1.0, dim, n,
-                                                       axis_groups(mesh, axis_name))
+    local = xla.enable_manual_sharding(tensor, mesh, spec)
+    local = xla.spmd_reduce_scatter(local, dim, axis_groups(mesh, axis_name))
     full = list(tensor.shape)
     full[dim] //= n
-    return xs.disable_manual_sharding(local, spec, tuple(full), mesh=mesh).global_tensor
+    return xla.disable_manual_sharding(local, mesh, spec, full)
 
 
 # ------------------------------------------------------------------------- compiled programs
-_POST_OPT_ENV = "XLA_DUMP_POST_OPTIMIZATIONS"
-
-
 def compiled_hlo(tensors) -> str:
     """HLO text of the compiled, SPMD-partitioned program that computes ``tensors``.
 
-    Uses ``torch_xla._XLAC._get_xla_tensors_hlo`` with ``XLA_DUMP_POST_OPTIMIZATIONS=1``: torch_xla
-    then compiles the pending graph of ``tensors`` (partitioner and optimization passes included)
-    and prints the compiled module, whose collectives ``parity.hlo`` reads. Call it before the
-    tensors are materialized (``.cpu()``, ``torch_xla.sync()``), e.g. with the forward outputs and
-    the ``.grad`` of inputs and parameters after ``backward()`` to see forward plus backward.
+    torch_xla compiles the pending graph of ``tensors`` (partitioner and optimization passes
+    included) and prints the compiled module, whose collectives ``parity.hlo`` reads. Call it
+    before the tensors are materialized (``.cpu()``, ``sync()``), e.g. with the forward outputs
+    and the ``.grad`` of inputs and parameters after ``backward()`` to see forward plus backward.
 
-    torch_xla reads that variable ONCE per process, at the first ``_get_xla_tensors_hlo`` call:
+    torch_xla reads ``XLA_DUMP_POST_OPTIMIZATIONS`` ONCE per process, at the first HLO request:
     this function sets it if unset, and raises RuntimeError if the process already made that
-    first call without it (then set ``XLA_DUMP_POST_OPTIMIZATIONS=1`` at process start).
+    first request without it (then set ``XLA_DUMP_POST_OPTIMIZATIONS=1`` at process start).
+    ValueError if a tensor is not on the XLA device.
     """
-    import gc
-    import os
-
-    import torch_xla
-
-    if os.environ.get(_POST_OPT_ENV, "") in ("", "0", "false", "False"):
-        os.environ[_POST_OPT_ENV] = "1"
     tensors = list(tensors)
     for i, t in enumerate(tensors):
         check_on_device(t, f"tensors[{i}]")
-    # Collect garbage first and keep the cyclic collector off while torch_xla compiles: XLA tensors
-    # freed by a collection inside this call crashed the process (measured in long test runs).
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        text = torch_xla._XLAC._get_xla_tensors_hlo(tensors)
-    finally:
-        if enabled:
-            gc.enable()
-    header = text.split("\n", 1)[0]
-    if "is_scheduled=true" not in header:
-        raise RuntimeError(
-            "torch_xla returned the HLO before partitioning: it read XLA_DUMP_POST_OPTIMIZATIONS "
-            "before it was set (an earlier _get_xla_tensors_hlo call in this process). Set "
-            "XLA_DUMP_POST_OPTIMIZATIONS=1 in the environment at process start.")
-    return text
+    return xla.compiled_hlo(tensors)
 
 
 # ------------------------------------------------------------------------------ runtime control
 def enable_spmd() -> None:
     """Turn torch_xla SPMD mode on (idempotent); must run before any XLA tensor is created."""
-    _, _, xr = _xla()
-    if not xr.is_spmd():
-        xr.use_spmd()
+    xla.enable_spmd()
 
 
 def sync(wait: bool = False) -> None:
     """Compile and run the pending lazy graph; with ``wait``, block until the devices finish."""
-    torch_xla, _, _ = _xla()
-    torch_xla.sync()
+    xla.sync()
     if wait:
-        import torch_xla.core.xla_model as xm
-
-        xm.wait_device_ops()
+        xla.wait_device_ops()

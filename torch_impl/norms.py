@@ -40,6 +40,9 @@ import torch
 from torch import nn
 
 from . import mesh as _mesh
+from . import xla
+from .array_utils import from_stacked, to_stacked
+from .collectives import reduce_from_axis
 from .linear import TensorParallelConfig
 
 __all__ = ["SHARDINGS", "ParallelLayerNorm", "ParallelRMSNorm"]
@@ -62,8 +65,7 @@ def _normalize(x: torch.Tensor, kind: str, eps: float, stacked: tuple | None) ->
         if not stacked:
             return s
         mesh, ax = stacked
-        s = _mesh.mark_stacked(s, mesh, ax).sum(0, keepdim=True)  # psum
-        return _mesh.mark_sharding(s, mesh, (None,) * s.dim())
+        return reduce_from_axis(s, ax, mesh=mesh)  # replicated [..., 1]: broadcasts over dim 0
 
     if kind == "layer":
         xc = x - total(x) / d
@@ -160,10 +162,8 @@ class _ParallelNorm(nn.Module):
 
     @staticmethod
     def _reshard_after_load(module, incompatible_keys) -> None:
-        import torch_xla
-
         for p in (module.scale, module.bias):
-            if p is not None and not torch_xla._XLAC._get_xla_sharding_spec(p):
+            if p is not None and not xla.has_sharding(p):
                 module.reshard()
                 return
 
@@ -190,17 +190,14 @@ class _ParallelNorm(nn.Module):
                         out_dtype)
             return _mesh.mark_sharding(y, mesh, spec)
         # features: stacked view [n, ..., D/n], per-device sums added over dim 0
-        xs = _mesh.mark_stacked(x.reshape(*x.shape[:-1], n, x.shape[-1] // n).movedim(-2, 0),
-                                mesh, ax)
+        xs = to_stacked(x, ax, mesh=mesh)
         lead = (n,) + (1,) * (x.dim() - 1)
         scale = None if self.scale is None else _mesh.mark_stacked(
             self.scale.reshape(n, -1), mesh, ax).reshape(*lead, -1)
         bias = None if self.bias is None else _mesh.mark_stacked(
             self.bias.reshape(n, -1), mesh, ax).reshape(*lead, -1)
         ys = _affine(_normalize(xs, self._kind, self.epsilon, (mesh, ax)), scale, bias, out_dtype)
-        ys = _mesh.mark_stacked(ys, mesh, ax)
-        y = ys.movedim(0, -2).reshape(x.shape)
-        return _mesh.mark_sharding(y, mesh, (None,) * (x.dim() - 1) + (ax,))
+        return from_stacked(ys, ax, mesh=mesh)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, epsilon={self.epsilon}, use_scale={self.use_scale}, "

@@ -53,9 +53,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import mesh as _mesh
-from .array_utils import fold_in, fold_rng_over_axis, stack_params
-from .collectives import (all_gather_features, axis_size, reduce_scatter_features, ring_permute,
-                          split_features)
+from . import xla
+from .array_utils import draw_seed, fold_in, fold_rng_over_axis, stack_params
+from .collectives import (all_gather_features, axis_size, copy_to_axis, reduce_scatter_features,
+                          ring_permute, split_features)
 
 __all__ = ["ModelParallelismWrapper", "scale_init", "TPDense", "TPAsyncDense", "async_gather",
            "async_gather_bidirectional", "async_gather_split", "async_scatter",
@@ -68,15 +69,6 @@ TP_MODES = ("scatter", "gather", "none")
 def _check_tp_mode(tp_mode: str) -> None:
     if tp_mode not in TP_MODES:
         raise ValueError(f"tp_mode={tp_mode!r}: expected one of {TP_MODES}")
-
-
-def _draw_seed(seed: int | None) -> int:
-    """``seed``, or one drawn from torch's global generator (``torch.manual_seed`` fixes it)."""
-    if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed={seed!r}: expected an int or None")
-    return seed
 
 
 # ---------------------------------------------------------------------------- initializers, Dense
@@ -192,7 +184,7 @@ class ModelParallelismWrapper(nn.Module):
         self.model_axis_name, self.mask_except_model_idx = model_axis_name, mask_except_model_idx
         self.split_rngs, self.module_kwargs = bool(split_rngs), dict(module_kwargs or {})
         self.mesh, self.axis_size = mesh, n
-        seed = _draw_seed(seed)
+        seed = draw_seed(seed)
         if self.split_rngs:
             seeds = [g.initial_seed() for g in fold_rng_over_axis(seed, model_axis_name, mesh=mesh)]
         else:
@@ -220,10 +212,8 @@ class ModelParallelismWrapper(nn.Module):
 
     def reshard(self) -> None:
         """Re-annotate the stacked parameters as sharded on dim 0 (e.g. after replacing them)."""
-        import torch_xla
-
         for p in self.sharded.parameters():
-            if not torch_xla._XLAC._get_xla_sharding_spec(p):
+            if not xla.has_sharding(p):
                 _mesh.mark_stacked(p, self.mesh, self.model_axis_name)
 
     def forward(self, *args, **kwargs):
@@ -246,37 +236,10 @@ class ModelParallelismWrapper(nn.Module):
 
 
 # ------------------------------------------------------------------------ replicated parameters
-class _BroadcastParams(torch.autograd.Function):
-    """Forward: each replicated parameter expanded to the stacked view ``[n, ...]`` (no copy, no
-    communication). Backward: the per-device gradients of ALL parameters flattened into one
-    ``[n, K]`` tensor and summed over the devices: ONE all-reduce for the whole module, as JAX
-    emits for the psum of the gradients of replicated parameters under ``shard_map`` (XLA combines
-    JAX's per-parameter psums into one all-reduce; torch_xla's pipeline does not combine them).
-    """
-
-    @staticmethod
-    def forward(ctx, mesh, axis_name, n, *params):
-        ctx.mesh, ctx.axis_name, ctx.n = mesh, axis_name, n
-        ctx.shapes = [tuple(p.shape) for p in params]
-        return tuple(_mesh.mark_stacked(p.unsqueeze(0).expand(n, *p.shape), mesh, axis_name)
-                     for p in params)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        n = ctx.n
-        flat = torch.cat([g.reshape(n, -1) for g in grads], 1)
-        flat = _mesh.mark_stacked(flat, ctx.mesh, ctx.axis_name).sum(0)
-        flat = _mesh.mark_sharding(flat, ctx.mesh, (None,))
-        sizes = [math.prod(s) for s in ctx.shapes]
-        out = [g.reshape(s) for g, s in zip(torch.split(flat, sizes), ctx.shapes)]
-        return (None, None, None, *out)
-
-
 def _apply_replicated(module: nn.Module, x: torch.Tensor, mesh, axis_name: str) -> torch.Tensor:
     """Apply ``module`` (replicated parameters) to each row of the stacked ``x`` ``[n, ...]``."""
-    n = x.shape[0]
     names = [name for name, _ in module.named_parameters()]
-    stacked = _BroadcastParams.apply(mesh, axis_name, n, *[p for _, p in module.named_parameters()])
+    stacked = copy_to_axis([p for _, p in module.named_parameters()], axis_name, mesh=mesh)
 
     def per_device(p, a):
         return torch.func.functional_call(module, p, (a,))
@@ -353,7 +316,7 @@ class TPDense(nn.Module):
         self.skip_communication, self.use_bias = bool(skip_communication), bool(use_bias)
         self.dense_name, self.mesh, self.axis_size = dense_name, mesh, n
         self.mode = tp_mode if n > 1 else "none"
-        seed = _draw_seed(seed)
+        seed = draw_seed(seed)
         if self.mode == "none":
             self.Dense_0 = _seeded_dense(in_features, out_features, use_bias, kernel_init, dtype, seed)
             return
@@ -550,7 +513,7 @@ class TPAsyncDense(nn.Module):
         self.use_bidirectional_gather = bool(use_bidirectional_gather)
         self.use_bidirectional_scatter = bool(use_bidirectional_scatter)
         self.mode = tp_mode if n > 1 else "none"
-        seed = _draw_seed(seed)
+        seed = draw_seed(seed)
         if self.mode == "none":
             self.shard_0 = _seeded_dense(in_features, out_features, use_bias, kernel_init, dtype, seed)
             return

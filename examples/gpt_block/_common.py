@@ -11,14 +11,12 @@ import os
 import pathlib
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("PJRT_DEVICE", "CPU")
-os.environ.setdefault("CPU_NUM_DEVICES", "8")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("XLA_DUMP_POST_OPTIMIZATIONS", "1")  # torch_impl.mesh.compiled_hlo
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+from ringpar.devices import set_cpu_devices  # noqa: E402
+
+# 8 CPU devices for both runtimes; must be set before jax / torch_xla start.
+set_cpu_devices(8)
 
 import numpy as np  # noqa: E402
 

@@ -7,7 +7,7 @@ n = 1, 2, 4, 8; relative error = max|a - ref| / max|ref|):
     embedding output exact (0), table gradient 2.1e-08;
     norms (sequence / features / none): outputs 1.3e-07, input gradients 2.1e-07, scale / bias
     gradients 2.9e-07.
-Asserted <= 1e-5 (DESIGN.md float32 tolerance).
+Asserted <= 1e-5 (docs/design.md float32 tolerance).
 
 Communication asserted on the compiled programs (forward + backward):
     vocab-parallel cross-entropy: exactly 2 all-reduces ([..] max, [3, ..] sum), nothing else;

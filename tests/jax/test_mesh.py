@@ -44,3 +44,27 @@ def test_mesh_rejects_non_config_and_missing_axis(jax_devices):
         create_mesh({"model_axis_size": 2})
     with pytest.raises(ValueError, match="'model' is not an axis"):
         check_axis(create_mesh(ParallelConfig()), "model")
+
+
+@pytest.mark.parametrize("sharded_dim", [0, 1])
+def test_sharding_places_each_block_on_its_devices(jax_devices, axis_size, sharded_dim):
+    """The placed shards, per device: device d holds block ``d % n`` of the sharded dim (the
+    torch twin test checks the same mapping, tests/torch/test_mesh.py)."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = create_mesh(ParallelConfig(model_axis_size=axis_size))
+    x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
+    x = x if sharded_dim == 0 else np.ascontiguousarray(x.T)
+    spec = P("tp", None) if sharded_dim == 0 else P(None, "tp")
+    arr = jax.device_put(x, NamedSharding(mesh, spec))
+    shards = sorted(arr.addressable_shards, key=lambda s: s.device.id)
+    assert [s.device.id for s in shards] == list(range(8))
+    size = 8 // axis_size
+    for s in shards:
+        j = s.device.id % axis_size
+        want = [slice(None), slice(None)]
+        want[sharded_dim] = slice(j * size, (j + 1) * size)
+        np.testing.assert_array_equal(np.asarray(s.data), x[tuple(want)])
+        assert s.data.shape[sharded_dim] == size

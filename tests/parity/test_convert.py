@@ -1,4 +1,4 @@
-"""parity.convert: JAX <-> torch weights, and re-sharding TP weights between axis sizes."""
+"""ringpar.convert: JAX <-> torch weights, and re-sharding TP weights between axis sizes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from parity import cases as C
-from parity import convert
+from ringpar import convert
 
 RESHARDABLE = [("tpdense", "gather"), ("tpdense", "scatter"), ("tpasync", "gather-uni"),
                ("tpasync", "gather-bi"), ("tpasync", "scatter-uni"), ("tpasync", "scatter-split"),

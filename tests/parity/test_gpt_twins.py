@@ -23,7 +23,7 @@ import os
 
 os.environ.setdefault("XLA_DUMP_POST_OPTIMIZATIONS", "1")  # torch_impl.mesh.compiled_hlo
 
-import jax  # noqa: E402,F401  (JAX before torch_xla, DESIGN.md)
+import jax  # noqa: E402,F401  (JAX before torch_xla, docs/design.md)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402

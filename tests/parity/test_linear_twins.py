@@ -20,7 +20,7 @@ import os
 
 os.environ.setdefault("XLA_DUMP_POST_OPTIMIZATIONS", "1")  # torch_xla reads it once: see mesh.compiled_hlo
 
-import jax  # noqa: E402  (JAX before torch_xla, DESIGN.md)
+import jax  # noqa: E402  (JAX before torch_xla, docs/design.md)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

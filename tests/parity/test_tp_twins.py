@@ -21,7 +21,7 @@ import os
 # torch_xla reads this once per process: see torch_impl.mesh.compiled_hlo
 os.environ.setdefault("XLA_DUMP_POST_OPTIMIZATIONS", "1")
 
-import jax  # noqa: E402  (JAX before torch_xla, DESIGN.md)
+import jax  # noqa: E402  (JAX before torch_xla, docs/design.md)
 import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

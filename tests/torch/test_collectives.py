@@ -77,8 +77,8 @@ def test_ring_permute_values_grads_and_hlo(torch_mesh, axis_size, shift_up):
         return
     fwd = hlo.ring_pairs(groups(n), shift_up=shift_up)
     bwd = hlo.ring_pairs(groups(n), shift_up=not shift_up)
-    # Regression (DESIGN.md): autograd of cat/narrow gives 3 permutes in the backward. The custom
-    # Function gives exactly ONE permute each way, the backward with the inverse pairs.
+    # Regression (docs/design.md): autograd of cat/narrow gives 3 permutes in the backward. The
+    # custom Function gives exactly ONE permute each way, the backward with the inverse pairs.
     assert sorted((op.kind, op.pairs) for op in ops) == sorted(
         [("collective-permute", fwd), ("collective-permute", bwd)])
 

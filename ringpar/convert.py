@@ -11,7 +11,7 @@ framework). The one documented layout transform is for plain ``torch.nn.Linear``
 
 **Re-sharding.** :func:`to_dense` turns a TP layer's parameters at axis size n into the dense
 ``kernel [F, O]`` and ``bias [O]`` of the global function ``y = x @ kernel + bias`` (input
-``[B, F]`` and output ``[B, O]`` with features sharded over the axis, as in ``parity.cases``);
+``[B, F]`` and output ``[B, O]`` with features sharded over the axis, as in the parity harnesss cases);
 :func:`from_dense` goes back for any axis size; :func:`reshard` composes them, so weights saved
 at tp=2 give the same function at tp=4. Defined for TPDense gather/scatter, TPAsyncDense
 gather (uni/bi) and scatter (uni/split), any layer at n == 1, and ParallelLinear (whose
@@ -115,6 +115,12 @@ def _check(module: str, variant: str, n: int) -> str:
         raise ValueError(f"module={module!r}: expected 'tpdense', 'tpasync' or 'linear'")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: expected a positive int")
+    known = {"tpdense": ("none", "gather", "scatter"),  # a typo must not fall back to scatter
+             "tpasync": ("gather-uni", "gather-bi", "scatter-uni", "scatter-split"),
+             "linear": ("column-plain", "column-ag", "column-agbi", "row-plain", "row-rs",
+                        "row-rsbi")}[module]
+    if variant not in known:
+        raise ValueError(f"variant={variant!r}: expected one of {known} for module={module!r}")
     mode = variant.split("-")[0]
     if module != "linear" and n > 1 and mode == "none":
         raise ValueError("variant='none' at n > 1 has a block-diagonal global kernel: it cannot "
