@@ -73,6 +73,49 @@ def _median_time(step, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _split_median(host, device, warmup: int, repeats: int) -> tuple[float, float]:
+    """Median host time and median device time of ``host(); device()`` steps (each part timed
+    on its own: host = tracing or launching, device = sync + wait for the devices)."""
+    for _ in range(warmup):
+        host()
+        device()
+    hosts, devices = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        host()
+        t1 = time.perf_counter()
+        device()
+        hosts.append(t1 - t0)
+        devices.append(time.perf_counter() - t1)
+    return statistics.median(hosts), statistics.median(devices)
+
+
+def torch_step_times(prog, warmup: int, repeats: int) -> dict:
+    """Steady torch step split into host tracing and device time, lazy and cached.
+
+    Lazy: every step re-traces forward+backward (host) and then syncs (device: graph hash, cache
+    look-up, run, wait). Cached: ``torch_impl.cached_step`` replays the compiled program (host:
+    launch only)."""
+    from torch_impl import mesh as tmesh
+    from torch_impl.cached_step import cached_forward_backward
+
+    module, x, cot = prog.module, prog.x, prog.cot
+
+    def trace():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        (module(x) * cot).sum().backward()
+
+    wait = lambda: tmesh.sync(wait=True)  # noqa: E731
+    out = {}
+    out["torch_trace_s"], out["torch_device_s"] = _split_median(trace, wait, warmup, repeats)
+    step = cached_forward_backward(module, x, cot)
+    out["torch_cached_host_s"], out["torch_cached_device_s"] = _split_median(
+        step, wait, warmup, repeats)
+    out["torch_cached_s"] = out["torch_cached_host_s"] + out["torch_cached_device_s"]
+    return out
+
+
 def ring_minimum_bytes(case: C.Case) -> int:
     """Bytes per device the forward's communication cannot go below: (n-1)/n of the activation
     that must travel (the gathered input for gather / column; the reduced output for scatter /
@@ -127,11 +170,14 @@ def bench_steps(sizes, shape, warmup, repeats, progress) -> list[dict]:
             row[f"{name}_s"] = _median_time(prog.step, warmup, repeats)
             row[f"{name}_fwd_bytes"] = hlo.communication_bytes(prog.fwd_hlo_text)
             row[f"{name}_fwd_collectives"] = len(hlo.collectives(prog.fwd_hlo_text))
+            if name == "torch":
+                row.update(torch_step_times(prog, warmup, repeats))
         row["min_bytes"] = ring_minimum_bytes(case)
         for name in ("jax", "torch"):
             row[f"{name}_bytes_over_min"] = (row[f"{name}_fwd_bytes"] / row["min_bytes"]
                                              if row["min_bytes"] else None)
         row["torch_over_jax"] = row["torch_s"] / row["jax_s"]
+        row["torch_cached_over_jax"] = row["torch_cached_s"] / row["jax_s"]
         if (b, fi, fo) not in singles:
             singles[(b, fi, fo)] = _single_device_time(case, warmup, repeats)
         row["single_s"] = singles[(b, fi, fo)]
@@ -198,6 +244,27 @@ def _fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
+def _host_device_table(steps: list[dict]) -> list[str]:
+    """Markdown lines: the torch step split into host tracing and device time, lazy and cached."""
+    rows = [r for r in steps if r.get("torch_cached_s") is not None]
+    if not rows:
+        return []
+    ms = lambda v: _fmt(None if v is None else v * 1e3)  # noqa: E731
+    out = ["", "## torch step: host tracing vs device, lazy and cached (torch_impl.cached_step)",
+           "", "| case | lazy trace ms | lazy device ms | cached host ms | cached device ms | "
+           "cached ms | torch/JAX lazy | torch/JAX cached |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['module']}-{r['variant']} n{r['n']} | {ms(r['torch_trace_s'])} | "
+                   f"{ms(r['torch_device_s'])} | {ms(r['torch_cached_host_s'])} | "
+                   f"{ms(r['torch_cached_device_s'])} | {ms(r['torch_cached_s'])} | "
+                   f"{r['torch_over_jax']:.2f} | {r['torch_cached_over_jax']:.2f} |")
+    for key, name in (("torch_over_jax", "lazy"), ("torch_cached_over_jax", "cached")):
+        vals = [r[key] for r in rows]
+        out.append(f"\ntorch/JAX {name}: median {statistics.median(vals):.2f}, worst "
+                   f"{max(vals):.2f}")
+    return out
+
+
 def write_markdown(path: str, steps: list[dict], pipe: list[dict], meta: dict) -> None:
     """The results as markdown tables, with each target and whether it was met."""
     t = TARGETS
@@ -215,6 +282,7 @@ def write_markdown(path: str, steps: list[dict], pipe: list[dict], meta: dict) -
                    f"{_fmt(r.get('jax_async_over_sync'))} | {_fmt(r.get('torch_async_over_sync'))} | "
                    f"{r['jax_tp_over_single']:.2f} | {r['torch_tp_over_single']:.2f} | "
                    f"{_fmt(r['jax_bytes_over_min'])} | {_fmt(r['torch_bytes_over_min'])} |")
+    out += _host_device_table(steps)
     met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     worst_tj = max((r["torch_over_jax"] for r in steps), default=None)
     async_rows = [r for r in steps if (r["module"], r["variant"]) in ASYNC]
@@ -293,6 +361,12 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=8, help="virtual CPU devices per backend")
     p.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
     p.add_argument("--out", default="bench_out", help="output directory (default bench_out)")
+    p.add_argument("--compile", action="store_true",
+                   help="first-step (trace + compile + run) sweep, each case in a fresh process")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="--compile: seconds per case and backend before it counts as a cliff")
+    p.add_argument("--pipeline", action="store_true",
+                   help="circular pipeline: measured useful-work fraction per (p, m, r)")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
@@ -304,7 +378,15 @@ def main(argv=None) -> int:
         return 2
     from parity.runner import setup_devices
 
+    if args.compile:  # the workers set their own devices; the parent imports neither backend
+        from . import compile as compile_sweep
+
+        return compile_sweep.main(args.out, args.quick, args.devices, args.timeout, _progress)
     setup_devices(args.devices)
+    if args.pipeline:
+        from . import pipeline_schedule
+
+        return pipeline_schedule.main(args.out, args.devices, _progress)
     os.makedirs(args.out, exist_ok=True)
     sizes = [n for n in (2, 4, 8) if args.devices % n == 0]
     warmup, repeats = (1, 3) if args.quick else (3, 15)

@@ -94,8 +94,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as Ps
 
+from ringpar.matmul_methods import MatrixMultiplyMethod, resolve_method
+from ringpar.validation import positive_int
+
 from .collectives import ring_permute
-from .matmul_methods import MatrixMultiplyMethod, resolve_method
 from .mesh import check_axis
 
 __all__ = [
@@ -119,7 +121,7 @@ default_bias_init = nnx.initializers.zeros
 
 
 # --------------------------------------------------------------------------------------- methods
-# MatrixMultiplyMethod and resolve_method live in the framework-neutral jax_impl.matmul_methods.
+# MatrixMultiplyMethod and resolve_method live in the framework-neutral ringpar.matmul_methods.
 # ---------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class TensorParallelConfig:
@@ -447,12 +449,6 @@ def _tp_forward(x: Array, kernel: Array, bias: Array | None, *, direction: str,
                          out_specs=out_spec)(x, kernel, bias)
 
 
-def _positive_int(name: str, value: tp.Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
-    return value
-
-
 # ----------------------------------------------------------------------------------------- layers
 class ParallelLinear(nnx.Module):
     """A Linear layer with optional tensor parallelism.
@@ -502,17 +498,17 @@ class ParallelLinear(nnx.Module):
     ):
         if rngs is None:
             rngs = nnx.Rngs(0)
-        in_features = _positive_int("in_features", in_features)
+        in_features = positive_int("in_features", in_features)
         if isinstance(out_features, tp.Sequence) and not isinstance(out_features, str):
             if len(out_features) == 0:
                 raise ValueError(f"out_features={out_features!r}: expected a positive int or a "
                                  f"non-empty sequence of positive ints")
             for f in out_features:
-                _positive_int("out_features", f)
+                positive_int("out_features", f)
             out_features = tuple(out_features)
             tp_merged, out_total = len(out_features), sum(out_features)
         else:
-            out_features = _positive_int("out_features", out_features)
+            out_features = positive_int("out_features", out_features)
             tp_merged, out_total = 1, out_features
 
         if isinstance(scale, str):

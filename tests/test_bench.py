@@ -39,3 +39,69 @@ def test_markdown_reports_each_target_met_or_missed(tmp_path):
 def test_bad_devices_exit_2(capsys):
     assert core.main(["--devices", "3"]) == 2
     assert "--devices=3" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- --compile (issue 14)
+def test_compile_sweep_covers_every_method_tp_and_size():
+    from bench import compile as cs
+
+    cases = cs.sweep_cases()
+    assert {(m, v) for m, v, *_ in cases} == set(cs.METHODS)
+    assert {(m, v, n) for m, v, n, *_ in cases} == {(m, v, n) for m, v in cs.METHODS
+                                                     for n in cs.AXIS_SIZES}
+    for dim in (3, 4):  # in and out: >= 3 sizes, non-powers of two among them
+        sizes = {c[dim] for c in cases}
+        assert len(sizes) >= 3 and {96, 192, 384} <= sizes and min(sizes) == 64
+        assert max(sizes) == 512
+    assert all(c in cases for c in cs.ISSUE_CASES)
+    assert all(fi % n == 0 and fo % n == 0 for _, _, n, fi, fo in cases)
+
+
+def test_compile_timeout_is_a_cliff_not_a_skip():
+    import sys
+
+    from bench import compile as cs
+
+    hang = [sys.executable, "-c", "import time; print('START', flush=True); time.sleep(60)"]
+    res = cs.run_case("torch", ("linear", "column-ag", 4, 64, 256), timeout=0.5, command=hang)
+    assert res["status"] == "timeout" and res["first_step_s"] == 0.5
+    boom = [sys.executable, "-c", "raise SystemExit('no worker here')"]
+    res = cs.run_case("jax", ("linear", "column-ag", 4, 64, 256), timeout=30, command=boom)
+    assert res["status"] == "error" and "no worker here" in res["error"]
+
+
+def _compile_row(variant, n, jax_s, torch_s, torch_status="ok"):
+    return {"module": "linear", "variant": variant, "n": n, "in": 64, "out": 256,
+            "jax_status": "ok", "jax_first_step_s": jax_s, "torch_status": torch_status,
+            "torch_first_step_s": torch_s, "torch_second_step_s": 0.01,
+            "torch_over_jax": torch_s / jax_s, "cliff": torch_status == "timeout"}
+
+
+def test_compile_summary_and_markdown_report_cliffs():
+    from bench import compile as cs
+
+    rows = [_compile_row("column-ag", 4, 0.5, 60.0, "timeout"), _compile_row("row-rs", 2, 0.5, 0.6),
+            _compile_row("row-rsbi", 8, 0.5, 0.75)]
+    s = cs.summary(rows)
+    assert s["median_ratio"] == 1.5 and s["worst_ratio"] == 120.0
+    assert s["max_torch_first_s"] == 60.0 and s["cliffs"] == ["linear-column-ag tp=4 64->256"]
+    meta = {"cases": 3, "devices": 8, "timeout": 60.0, "load_before": "1", "load_after": "2",
+            "date": "d"}
+    text = cs.markdown(rows, meta)
+    assert ">60 (CLIFF)" in text and "cliffs (timeouts): 1" in text and "median 1.50" in text
+
+
+def test_compile_quick_writes_table_json_and_plot(tmp_path):
+    """``--compile --quick`` end to end: real workers, both backends (times are not asserted)."""
+    import json
+
+    assert core.main(["--compile", "--quick", "--out", str(tmp_path), "--timeout", "300"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    from bench import compile as cs
+
+    assert len(data["rows"]) == len(cs.QUICK_CASES)
+    for row in data["rows"]:
+        for backend in cs.BACKENDS:
+            assert row[f"{backend}_status"] in ("ok", "timeout"), row.get(f"{backend}_error")
+    assert "torch/JAX first step" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "compile_first_step.png").stat().st_size > 0

@@ -27,7 +27,7 @@ live on the XLA device, annotated with a sharding over the config's mesh:
     row           (tp, None)     (tp,) if reduce_scatter_output else (None,)
     ============  =============  ==============================================
 
-Inside, each layer works in the STACKED VIEW of the JAX per-device values (see DESIGN.md): a JAX
+Inside, each layer works in the STACKED VIEW of the JAX per-device values (see docs/design.md): a JAX
 ``shard_map`` value of per-device shape ``S`` is a tensor ``[n, *S]`` whose dim 0 is sharded over
 the tp axis (row i = device i's value). A global ``[..., F]`` sharded on its last dim is reshaped to
 ``[n, ..., F/n]`` (no data moves); the column kernel ``[in, out]`` is the stacked ``[n, in,
@@ -42,8 +42,8 @@ line-by-line twins of the JAX ones, and each communication step is the op JAX em
     ``psum``                   sum over dim 0 (all-reduce)
     ``psum_scatter`` (tiled)   ``collectives.reduce_scatter_features`` (reduce-scatter)
     ``all_gather`` (tiled)     ``mark_sharding`` of the global output as replicated (all-gather)
-    ``dynamic_slice`` of       ``torch.gather`` of one block per device along an unsharded dim
-    block ``axis_index``-k     (the partitioner keeps it local: no communication)
+    ``dynamic_slice`` of       a one-hot mask over the unsharded block dim and a sum (local,
+    block ``axis_index``-k     no communication; not ``torch.gather``: see ``_block``)
     =========================  ===================================================================
 
 The matrix-multiply methods, the direction each applies to and what each communicates are those
@@ -97,9 +97,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ringpar.matmul_methods import MatrixMultiplyMethod, resolve_method  # neutral, shared
+from ringpar.validation import positive_int
+
 from . import mesh as _mesh
+from . import xla
+from .array_utils import draw_seed
 from .collectives import axis_index, reduce_scatter_features, ring_permute
-from jax_impl.matmul_methods import MatrixMultiplyMethod, resolve_method  # neutral, shared
 from .tensor_parallel import lecun_normal
 
 __all__ = [
@@ -127,14 +131,8 @@ default_bias_init = _zeros
 
 
 # --------------------------------------------------------------------------------------- methods
-# MatrixMultiplyMethod and resolve_method live in the framework-neutral jax_impl.matmul_methods.
+# MatrixMultiplyMethod and resolve_method live in the framework-neutral ringpar.matmul_methods.
 # ---------------------------------------------------------------------------------------- config
-def _xs():
-    import torch_xla.distributed.spmd as xs
-
-    return xs
-
-
 @dataclasses.dataclass(frozen=True)
 class TensorParallelConfig:
     """Configuration for tensor parallelism (a frozen dataclass).
@@ -170,7 +168,7 @@ class TensorParallelConfig:
         object.__setattr__(self, "matmul_method", method)
         mesh = self.mesh
         if mesh is None and (method is not None or self.reduce_scatter_output):
-            mesh = _xs().get_global_mesh()
+            mesh = xla.get_global_mesh()
             if mesh is None:
                 asked = (f"matmul_method={method.value!r}" if method is not None
                          else "reduce_scatter_output=True")
@@ -178,7 +176,7 @@ class TensorParallelConfig:
                     f"mesh=None with {asked}: expected a torch_xla.distributed.spmd.Mesh, either "
                     f"as mesh=... or set with xs.set_global_mesh(mesh)")
         if mesh is not None:
-            if not isinstance(mesh, _xs().Mesh):
+            if not xla.is_mesh(mesh):
                 raise ValueError(f"mesh={mesh!r}: expected a torch_xla.distributed.spmd.Mesh")
             if not isinstance(self.axis_name, str):
                 raise ValueError(f"axis_name={self.axis_name!r}: expected a mesh axis name (str)")
@@ -269,12 +267,10 @@ def get_sharding(arr: tp.Any, *, mesh=None) -> Spec | None:
     if not isinstance(arr, torch.Tensor) or arr.device.type != "xla":
         return None
     if mesh is None:
-        mesh = _xs().get_global_mesh()
+        mesh = xla.get_global_mesh()
         if mesh is None:
             return None
-    import torch_xla
-
-    text = torch_xla._XLAC._get_xla_sharding_spec(arr)
+    text = xla.sharding_text(arr)
     if not text:
         return None
     parsed = _parse_sharding(text, arr.dim())
@@ -359,9 +355,15 @@ def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMe
 # ---------------------------------------------------------------------- per-device matmul helpers
 # All of these work in the stacked view: x [n, ..., k] is device i's x in row i.
 def _dot(x: torch.Tensor, w: torch.Tensor, precision: tp.Any = None) -> torch.Tensor:
-    """Per device i: x[i] [..., k] @ w[i] [k, j] -> [n, ..., j] (``precision``: see module doc)."""
+    """Per device i: x[i] [..., k] @ w[i] [k, j] -> [n, ..., j] (``precision``: see module doc).
+
+    An einsum, not ``bmm``: torch_xla lowers it and its backward to dots with the contracting
+    dims named, as JAX emits them; ``bmm``'s backward transposed x and w explicitly, and XLA:CPU
+    compiled each small transpose into an unrolled kernel (325 KB of LLVM IR at 64 -> 256, tp=4;
+    the largest kernel is 18 KB with the einsum; issue 14).
+    """
     n, k = x.shape[0], x.shape[-1]
-    y = torch.bmm(x.reshape(n, -1, k), w)
+    y = torch.einsum("nbk,nkj->nbj", x.reshape(n, -1, k), w)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
@@ -377,19 +379,21 @@ def _block(w: torch.Tensor, k: torch.Tensor, size: int, axis: int, *, mesh,
     """Per device i: block ``k[i]`` of ``size`` rows (axis 0) or columns (axis 1) of ``w[i]``.
 
     ``w`` is stacked ``[n, R, C]``, ``k`` an integer tensor ``[n]`` (a function of
-    :func:`collectives.axis_index`). One ``torch.gather`` along the unsharded block dim: the
-    partitioner keeps it on each device (JAX: ``dynamic_slice`` at ``k * size``).
+    :func:`collectives.axis_index`). The block is picked by a one-hot mask over the unsharded
+    block dim and a sum (JAX: ``dynamic_slice`` at ``k * size``): elementwise work on each
+    device, no communication, and a backward that is the same mask. Not ``torch.gather``: its
+    per-element index tensor and the scatter-add of its backward made XLA:CPU's LLVM unroll
+    1024-element index loops, a 50-120 s compile at 64 -> 256, tp=4 (issue 14).
     """
     n, rows, cols = w.shape
-    k = k.to(torch.int64)
+    nb = (rows if axis == 0 else cols) // size
+    picks = torch.arange(nb, device=k.device, dtype=k.dtype)
+    mask = picks.unsqueeze(0) == k.unsqueeze(1)  # [n, nb], one True per row
+    # where, not a product: an inf in an unpicked block must not turn the picked one into NaN
     if axis == 0:
-        blocks = w.reshape(n, rows // size, size, cols)
-        index = k.view(n, 1, 1, 1).expand(n, 1, size, cols)
-        out = torch.gather(blocks, 1, index).squeeze(1)
+        out = torch.where(mask.view(n, nb, 1, 1), w.reshape(n, nb, size, cols), 0.0).sum(1)
     else:
-        blocks = w.reshape(n, rows, cols // size, size)
-        index = k.view(n, 1, 1, 1).expand(n, rows, 1, size)
-        out = torch.gather(blocks, 2, index).squeeze(2)
+        out = torch.where(mask.view(n, 1, nb, 1), w.reshape(n, rows, nb, size), 0.0).sum(2)
     return _mesh.mark_stacked(out, mesh, axis_name)
 
 
@@ -586,21 +590,6 @@ def _tp_forward(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None
     return _mesh.mark_sharding(y, mesh, out_spec)
 
 
-def _positive_int(name: str, value: tp.Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive int")
-    return value
-
-
-def _draw_seed(seed: int | None) -> int:
-    """``seed``, or one drawn from torch's global generator (``torch.manual_seed`` fixes it)."""
-    if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed={seed!r}: expected an int or None")
-    return seed
-
-
 def _promote(tensors: tp.Sequence[torch.Tensor | None], dtype: torch.dtype | None):
     """Twin of flax's ``promote_dtype``: cast to ``dtype``, or to the promoted type of all."""
     present = [t for t in tensors if t is not None]
@@ -661,17 +650,17 @@ class ParallelLinear(nn.Module):
         seed: int | None = None,
     ):
         super().__init__()
-        in_features = _positive_int("in_features", in_features)
+        in_features = positive_int("in_features", in_features)
         if isinstance(out_features, tp.Sequence) and not isinstance(out_features, str):
             if len(out_features) == 0:
                 raise ValueError(f"out_features={out_features!r}: expected a positive int or a "
                                  f"non-empty sequence of positive ints")
             for f in out_features:
-                _positive_int("out_features", f)
+                positive_int("out_features", f)
             out_features = tuple(out_features)
             tp_merged, out_total = len(out_features), sum(out_features)
         else:
-            out_features = _positive_int("out_features", out_features)
+            out_features = positive_int("out_features", out_features)
             tp_merged, out_total = 1, out_features
 
         if isinstance(scale, str):
@@ -712,7 +701,7 @@ class ParallelLinear(nn.Module):
         if self.is_parallel:
             self._check_parallel(parallel_config)
 
-        generator = torch.Generator().manual_seed(_draw_seed(seed))
+        generator = torch.Generator().manual_seed(draw_seed(seed))
         kernel = kernel_init(generator, (in_features, out_total), param_dtype)
         bias = bias_init(generator, (out_total,), param_dtype) if self.use_bias else None
         self._check_init("kernel_init", kernel, (in_features, out_total))
@@ -809,10 +798,8 @@ class ParallelLinear(nn.Module):
 
     @staticmethod
     def _reshard_after_load(module, incompatible_keys) -> None:
-        import torch_xla
-
         for name in module.param_specs():
-            if not torch_xla._XLAC._get_xla_sharding_spec(getattr(module, name)):
+            if not xla.has_sharding(getattr(module, name)):
                 module.reshard()
                 return
 
