@@ -19,6 +19,8 @@ the last device of the axis, and zeros on the other devices.
 The loop is an ``nn.scan``: parameters are broadcast (the same on every step), ``dropout`` rngs
 are split per step, extra ``*args`` / ``**kwargs`` are passed unchanged to the stage on every
 step. The compiled program therefore does not grow with the number of micro-batches.
+``execute_pipeline`` runs :func:`jax_impl.pipeline_circular.execute_circular_pipeline` with one
+repeat (the schedule written as named steps; its ``num_pipeline_repeats`` gives the circular one).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 
 from .collectives import axis_index, ring_permute
 from .mesh import axis_size
+from .pipeline_circular import execute_circular_pipeline
 
 __all__ = ["execute_pipeline_step", "execute_pipeline", "PipelineModule"]
 
@@ -48,13 +51,6 @@ def _num_stages(model_axis_name: str) -> int:
     except ValueError as exc:
         raise ValueError(f"model_axis_name={model_axis_name!r} is not bound: call inside "
                          f"shard_map over a mesh with that axis") from exc
-
-
-def _varying(x: jax.Array, axis_name: str) -> jax.Array:
-    """``x`` typed as varying over ``axis_name`` (a no-op if it already is, or without vma)."""
-    if axis_name in getattr(jax.typeof(x), "vma", frozenset()):
-        return x
-    return jax.lax.pcast(x, (axis_name,), to="varying")
 
 
 def execute_pipeline_step(
@@ -133,39 +129,18 @@ def execute_pipeline(
             bound, or the stage changes the shape of its input.
     """
     _check_num_microbatches(num_microbatches)
-    num_stages = _num_stages(model_axis_name)
+    _num_stages(model_axis_name)  # ValueError naming the axis if it is not bound
     if x.ndim < 1:
         raise ValueError(f"x has shape {x.shape}: expected a batch dimension first")
     batch_size = x.shape[0]
     if batch_size % num_microbatches:
         raise ValueError(f"x.shape[0]={batch_size}: expected the batch size to be divisible by "
                          f"num_microbatches={num_microbatches}")
-    microbatch_size = batch_size // num_microbatches
-    microbatches = jnp.reshape(x, (num_microbatches, microbatch_size, *x.shape[1:]))
-    # Zero micro-batches feed stage 0 while the last micro-batches drain (the bubble).
-    inputs = jnp.concatenate(
-        [microbatches,
-         jnp.zeros((num_stages - 1, *microbatches.shape[1:]), dtype=microbatches.dtype)],
-        axis=0)
-    # The state differs per stage after the first permute: mark the initial carry as varying over
-    # the pipeline axis so that scan's carry types match under shard_map(check_vma=True).
-    state = _varying(jnp.zeros_like(microbatches[0]), model_axis_name)
-
-    def step(mdl, carry, inp):
-        return execute_pipeline_step(mdl, carry, inp, *args, model_axis_name=model_axis_name,
+    # The GPipe schedule is the circular one with one repeat: one implementation, written as the
+    # schedule's named steps (jax_impl.pipeline_circular).
+    return execute_circular_pipeline(module, x, *args, num_microbatches=num_microbatches,
+                                     model_axis_name=model_axis_name, num_pipeline_repeats=1,
                                      **kwargs)
-
-    _, outputs = nn.scan(
-        step,
-        variable_broadcast={"params": True},
-        split_rngs={"params": False, "dropout": True},
-        length=inputs.shape[0],
-        in_axes=0,
-        out_axes=0,
-    )(module, state, inputs)
-    # Step t emits micro-batch t-(p-1) on the last stage: the first p-1 outputs are bubble zeros.
-    outputs = outputs[num_stages - 1:]
-    return jnp.reshape(outputs, (batch_size, *outputs.shape[2:]))
 
 
 class PipelineModule(nn.Module):

@@ -25,18 +25,19 @@ applied to each data shard separately (a second ``vmap``, over dim 1), so a stag
 ``[b, ...]`` rows the JAX stage sees on one device (also for stages that mix rows).
 
 Loop: :func:`execute_pipeline` runs the steps with ``torch_xla.experimental.scan`` (an XLA while
-loop), so the compiled program does not grow with the number of micro-batches. Random ops in a
-scanned stage repeat the same numbers on every step (a torch_xla 2.9 scan limitation, measured);
-``loop="unrolled"`` trades a graph that grows with m for fresh randomness per step. The stage
+loop), so the compiled program does not grow with the number of micro-batches; it is
+:func:`torch_impl.pipeline_circular.execute_circular_pipeline` with one repeat (the schedule as
+named steps). torch_xla 2.9's scan alone replays the same random numbers on every step (measured);
+the loop gives each step its own seed, so dropout masks are fresh per step, as in JAX
+(:mod:`torch_impl.scan_random`). ``loop="unrolled"`` puts every step in the graph. The stage
 parameters (and any tensor ``*args``/``**kwargs``) travel in the scan carry, because scan only
 differentiates with respect to its carry and inputs; their gradients accumulate over the steps.
 
-Two torch_xla calls live here rather than in :mod:`torch_impl.mesh`, because inside ``scan`` the
-body is traced by AOTAutograd with fake tensors and ``xs.mark_sharding`` (in-place on device
-data) cannot run there: ``_constrain`` uses the traceable ``xs.mark_sharding_with_gradients`` /
-``torch.ops.xla.aot_mark_sharding``, and ``_RingShift`` is a ring permute built on them (the
-shared :func:`torch_impl.collectives.ring_permute` uses ``mark_sharding`` and also forces the
-non-stacked dims replicated, which would gather the data-parallel batch every step).
+Inside ``scan`` the body is traced by AOTAutograd with fake tensors and the in-place
+``mark_sharding`` cannot run there: ``_constrain`` uses the traceable
+:func:`torch_impl.xla.mark_sharding_with_gradients`, and the ring shift between steps is
+:func:`torch_impl.collectives.ring_shift_traceable` (the same cyclic shift as ``ring_permute``,
+with traceable constraints that keep the data-parallel dims sharded).
 """
 
 from __future__ import annotations
@@ -45,71 +46,28 @@ import math
 from collections.abc import Callable, Sequence
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from . import mesh as _mesh
+from . import xla
+from .collectives import ring_permute
 
 __all__ = ["execute_pipeline_step", "execute_pipeline", "PipelineModule", "StackedStage"]
 
 DEFAULT_BATCH_AXES = ("dp", "fsdp")
 
 
-# ------------------------------------------------------------------ traceable torch_xla calls
-def _xs():
-    import torch_xla.distributed.spmd as xs
-
-    return xs
-
-
+# ------------------------------------------------------------------ traceable sharding / ring
 def _constrain(t: torch.Tensor, mesh, spec: Sequence) -> torch.Tensor:
     """Sharding constraint on ``t`` and on its gradient; traceable inside ``scan``."""
     spec = tuple(spec)
     if len(spec) != t.dim():
         raise ValueError(f"spec={spec!r} has {len(spec)} entries for a tensor of rank {t.dim()}")
-    return _xs().mark_sharding_with_gradients(t, mesh, spec)
-
-
-def _aot_mark(t: torch.Tensor, mesh, spec: tuple) -> torch.Tensor:
-    """Sharding constraint without autograd (used inside the ring's forward and backward)."""
-    import torch_xla.distributed.spmd  # noqa: F401  (registers torch.ops.xla.aot_mark_sharding)
-
-    return torch.ops.xla.aot_mark_sharding(t, str(mesh), str(tuple(spec)))
-
-
-def _shift(t: torch.Tensor, up: bool, mesh, spec: tuple) -> torch.Tensor:
-    """Cyclic shift of dim 0 by one (``out[s] = t[s-1]`` up, ``t[s+1]`` down), re-sharded by spec.
-
-    On a dim 0 sharded p ways, cat of two narrows compiles to exactly one collective-permute.
-    """
-    n = t.shape[0]
-    if up:
-        y = torch.cat([t.narrow(0, n - 1, 1), t.narrow(0, 0, n - 1)], 0)
-    else:
-        y = torch.cat([t.narrow(0, 1, n - 1), t.narrow(0, 0, 1)], 0)
-    return _aot_mark(y, mesh, spec)
-
-
-class _RingShift(torch.autograd.Function):
-    """Forward: one cyclic shift up of dim 0; backward: the inverse shift (one permute each)."""
-
-    @staticmethod
-    def forward(ctx, t, mesh, spec):
-        ctx.mesh, ctx.spec = mesh, spec
-        return _shift(t, True, mesh, spec)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _shift(grad, False, ctx.mesh, ctx.spec), None, None
+    return xla.mark_sharding_with_gradients(t, mesh, spec)
 
 
 def _ring_shift_up(t: torch.Tensor, mesh, spec: tuple) -> torch.Tensor:
-    return t if t.shape[0] == 1 else _RingShift.apply(t, mesh, tuple(spec))
-
-
-def _scan(fn, init, xs):
-    from torch_xla.experimental.scan import scan
-
-    return scan(fn, init, xs)
+    """The stage ring: ``collectives.ring_permute`` up, keeping the sharding ``spec``."""
+    return ring_permute(t, spec[0], True, mesh=mesh, spec=spec)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -241,10 +199,11 @@ def execute_pipeline(
         batch_axis_names: Mesh axes the batch rows are sharded over (names absent from the mesh
             are ignored); default ``('dp', 'fsdp')``. ``()`` keeps the batch replicated.
         loop: ``"scan"`` (default): the steps run in one ``torch_xla.experimental.scan`` while
-            loop, the program size does not depend on m. Limitation (measured with torch_xla
-            2.9): random ops in the stage (dropout) draw the SAME numbers on every step of the
-            scan. ``"unrolled"``: a Python loop, every step in the graph (the program grows with
-            m), random ops draw fresh numbers per step like JAX's per-step rng split.
+            loop, the program size does not depend on m. Dropout draws a fresh mask per step,
+            micro-batch, stage and data shard (a per-step seed, :mod:`torch_impl.scan_random`;
+            torch_xla 2.9's scan alone would repeat it); other random ops raise ValueError.
+            ``"unrolled"``: a Python loop, every step in the graph (the program grows with m),
+            random ops draw fresh numbers per step natively.
         **kwargs: Additional keyword arguments to the module.
 
     Returns:
@@ -257,7 +216,7 @@ def execute_pipeline(
     """
     _check_num_microbatches(num_microbatches)
     _check_loop(loop)
-    p = _mesh.check_axis(mesh, model_axis_name, "model_axis_name")
+    _mesh.check_axis(mesh, model_axis_name, "model_axis_name")
     axes, dsize = _batch_axes(mesh, model_axis_name, batch_axis_names)
     _mesh.check_on_device(x, "x")
     if x.dim() < 1:
@@ -274,72 +233,14 @@ def execute_pipeline(
     if not isinstance(module, nn.Module):
         raise ValueError(f"module: expected a torch.nn.Module (the stacked stage), got "
                          f"{type(module).__name__}")
-    feat = tuple(x.shape[1:])
-    b = batch // (m * dsize)
-    bspec = _batch_spec(axes)
-    nf = len(feat)
-    # [B, ...] -> [D, m, b, ...] -> [m, D, b, ...]: micro-batch i of data shard d is rows
-    # i*b..(i+1)*b of that shard, the rows JAX's per-device reshape picks.
-    micro = x.reshape(dsize, m, b, *feat).transpose(0, 1)
-    micro = _constrain(micro, mesh, (None, bspec, None) + (None,) * nf)
-    # The state [p, D, b, ...]: dim 0 over the pipeline axis, dim 1 over the data axes, i.e. one
-    # [b, ...] block per device, the per-device value of the JAX code.
-    spec = (model_axis_name, bspec, None) + (None,) * nf
-    steps = m + p - 1
-    # Stacked inputs [m+p-1, p, D, b, ...]: stage 0 gets the micro-batches, then p-1 zero blocks
-    # (the bubble); the other stages' blocks are zeros and never read. The mask is elementwise, so
-    # each device builds its block locally, and the input gradient is reduced over the pipeline
-    # axis once after the loop (not once per step, as reading a replicated input would cost).
-    padded = torch.cat([micro, micro.new_zeros((p - 1, dsize, b, *feat))], 0).unsqueeze(1)
-    first = (torch.arange(p, device=x.device) == 0).view(1, p, *([1] * (nf + 2)))
-    inputs = _constrain(torch.where(first, padded, torch.zeros_like(padded)), mesh, (None,) + spec)
-    state = _constrain(x.new_zeros((p, dsize, b, *feat)), mesh, spec)
+    # The GPipe schedule is the circular one with one repeat: one implementation, written as the
+    # schedule's named steps (imported here: torch_impl.pipeline_circular imports this module).
+    from .pipeline_circular import execute_circular_pipeline
 
-    # Parameters, buffers and tensor arguments travel in the scan carry. Each parameter is
-    # broadcast over the data shards first ([D, *shape], dim 0 over the data axes), as JAX
-    # broadcasts it to every device: the gradient then accumulates locally on each device over
-    # the steps and is summed over the data axes once, after the loop.
-    named = dict(module.named_parameters())
-    named.update(dict(module.named_buffers()))
-    names = list(named)
-    own = getattr(module, "partition_specs", lambda: {})()
-    pspecs = {n: (bspec,) + tuple(own.get(n, (None,) * named[n].dim())) for n in names}
-    flat_args, args_spec = pytree.tree_flatten((args, kwargs))
-    tensor_pos = [i for i, a in enumerate(flat_args) if isinstance(a, torch.Tensor)]
-
-    def body(carry, inp):
-        st, params, targs = carry
-        params = [_constrain(t, mesh, pspecs[n]) for n, t in zip(names, params)]
-        leaves = list(flat_args)
-        for i, t in zip(tensor_pos, targs):
-            leaves[i] = t
-        a, kw = pytree.tree_unflatten(leaves, args_spec)
-
-        def one_shard(pdict, h):  # h [p, b, ...]: one data shard of the stacked state
-            return torch.func.functional_call(module, pdict, (h, *a), kw)
-
-        apply_fn = torch.func.vmap(one_shard, in_dims=(0, 1), out_dims=1, randomness="different")
-        new_st, out = _step(lambda h: apply_fn(dict(zip(names, params)), h), st, inp, p, mesh,
-                            spec)
-        return (new_st, params, targs), out
-
-    init_params = [_constrain(named[n].unsqueeze(0).expand(dsize, *named[n].shape), mesh,
-                              pspecs[n]) for n in names]
-    init = (state, init_params, [flat_args[i] for i in tensor_pos])
-    if loop == "scan":
-        _, outs = _scan(body, init, inputs)
-    else:  # unrolled: one copy of the step per schedule step in the graph
-        carry, outs = init, []
-        for t in range(steps):
-            carry, out = body(carry, inputs[t])
-            outs.append(out)
-        outs = torch.stack(outs)
-    # outs [m+p-1, p, D, b, ...] is zero except on the last stage, which emits micro-batch
-    # t-(p-1) at step t: select it once, as a sum over the stage dim (one all-reduce over the
-    # pipeline axis, the psum a JAX caller applies to the zeros-elsewhere output).
-    y = outs[p - 1:].sum(dim=1)
-    y = y.transpose(0, 1).reshape(batch, *feat)
-    return _constrain(y, mesh, (bspec,) + (None,) * nf)
+    return execute_circular_pipeline(module, x, *args, num_microbatches=m,
+                                     model_axis_name=model_axis_name, mesh=mesh,
+                                     num_pipeline_repeats=1, batch_axis_names=batch_axis_names,
+                                     loop=loop, **kwargs)
 
 
 class StackedStage(nn.Module):
