@@ -1,361 +1,130 @@
 """Move an existing ``nn.Module`` onto the tensor-parallel layers with a declarative plan.
 
-Example (a Hugging Face Llama decoder; ``mesh`` from :func:`torch_impl.mesh.create_mesh`)::
+Example (a Hugging Face model; ``mesh`` from :func:`torch_impl.mesh.create_mesh`)::
 
-    from torch_impl.parallelize import (parallelize_module, gather_state_dict, ColwiseParallel,
-                                        RowwiseParallel, VocabParallel, SequenceParallel)
-    plan = {
-        "model.embed_tokens": VocabParallel(),
-        "model.layers.*.self_attn.[qkv]_proj": ColwiseParallel(head_dim=16),
-        "model.layers.*.self_attn.o_proj": RowwiseParallel(head_dim=16),
-        "model.layers.*.mlp.gate_proj": "colwise",
-        "model.layers.*.mlp.up_proj": "colwise",
-        "model.layers.*.mlp.down_proj": "rowwise",
-        "lm_head": ColwiseParallel(),           # logits stay sharded on the vocabulary
-    }
+    from torch_impl.parallelize import parallelize_module, gather_state_dict, load_state_dict
+    tp_model = parallelize_module(model, mesh, inplace=False)   # plan: plans.auto_plan
+    logits = tp_model(ids.to(xla_device())).logits              # sharded on the vocabulary
+    state = gather_state_dict(tp_model)    # ordinary state_dict: model.load_state_dict(state)
+    load_state_dict(tp_model, checkpoint)  # an ordinary (unsharded) state_dict, back in
+
+or with a hand-written plan (module names, ``*`` = one name component, ``**`` = any number)::
+
+    plan = {"**.embed_tokens": VocabParallel(),
+            "**.layers.*.self_attn.[qkv]_proj": ColwiseParallel(head_dim=16),
+            "**.layers.*.self_attn.o_proj": RowwiseParallel(head_dim=16),
+            "**.mlp.gate_proj": "colwise", "**.mlp.up_proj": "colwise",
+            "**.mlp.down_proj": "rowwise", "lm_head": ColwiseParallel()}
     tp_model = parallelize_module(model, mesh, plan, inplace=False)
-    logits = tp_model(ids.to(xla_device())).logits
-    state = gather_state_dict(tp_model)         # ordinary state_dict: model.load_state_dict(state)
 
 How it works (the ergonomics of PyTorch's DTensor ``parallelize_module``; the mechanism is the
-global view of torch_xla SPMD, DESIGN.md): each plan entry maps a module name, or an
-``fnmatch`` glob over the names of ``model.named_modules()``, to a style. Every matched module is
-REPLACED by a tensor-parallel layer holding exactly its weights (``nn.Linear`` ->
-:class:`~torch_impl.linear.ColumnParallelLinear` / ``RowParallelLinear`` with ``kernel =
-weight.T``; ``nn.Embedding`` -> :class:`~torch_impl.embedding.VocabParallelEmbed`; a LayerNorm /
-RMSNorm -> :class:`~torch_impl.norms.ParallelLayerNorm` / ``ParallelRMSNorm``). Every other module
-keeps its class and code; its parameters and buffers move to the XLA device (replicated). Since
-the new layers take and return ordinary global tensors, the model's own forward code (reshapes
-into heads, rotary embeddings, residual adds) runs unchanged; the layers annotate their outputs'
-shardings and the SPMD partitioner propagates them, e.g. a column-parallel ``q_proj`` output
-sharded on its features is sharded on the heads after the model's ``view(B, S, H, hd)``.
+global view of torch_xla SPMD, docs/design.md): every module matched by a plan entry is REPLACED by a
+tensor-parallel layer holding exactly its weights (the styles of :mod:`torch_impl.styles`:
+``nn.Linear`` / HF ``Conv1D`` -> column / row parallel linear, fused q|k|v by whole heads,
+grouped-query kv heads replicated to tp, ``nn.Embedding`` -> vocab-parallel, norms -> sequence-
+or feature-parallel; an LM head tied to a vocab-parallel embedding stays tied: one parameter).
+Every other module keeps its class and code, its parameters and buffers move to the XLA device
+(replicated). The new layers take and return ordinary global tensors, so the model's own forward
+code (reshapes into heads, rotary embeddings, residual adds, q/k/v splits) runs unchanged.
 
-Styles (a style object, or its name as a string):
+Names: :func:`name_map` gives ``{original parameter name: parallel name}``; the layouts differ
+only by a transpose (``kernel = weight.T``) and, for a fused q|k|v in [q | k | v] blocks, a
+permutation of the out features. :func:`gather_state_dict` and :func:`load_state_dict` convert
+whole state dicts both ways (bit-exact).
 
-    ======================  =================  ===========================================
-    style (string)          module types       replacement / communication
-    ======================  =================  ===========================================
-    ColwiseParallel         nn.Linear          ColumnParallelLinear PLAIN; output sharded on
-    ("colwise")                                its features (default) or all-gathered
-    RowwiseParallel         nn.Linear          RowParallelLinear PLAIN: input consumed
-    ("rowwise")                                sharded, one all-reduce (or reduce-scatter
-                                               with ``output_sharded=True``)
-    AsyncColwiseParallel    nn.Linear          ColumnParallelLinear ``all_gather_matmul``
-    ("colwise_ring")                           (n-1 collective-permutes; input sharded on
-                                               its features)
-    AsyncRowwiseParallel    nn.Linear          RowParallelLinear ``reduce_scatter_matmul``
-    ("rowwise_ring")                           (n-1 permutes; output sharded on features)
-    SequenceParallel        nn.LayerNorm,      ParallelLayerNorm / ParallelRMSNorm with
-    ("sequence_parallel")   nn.RMSNorm,        ``sharding="sequence"`` (or ``"features"``):
-                            ``*RMSNorm``       tokens sharded on the sequence, no forward
-                                               communication
-    VocabParallel           nn.Embedding       VocabParallelEmbed (table split on the
-    ("vocab_parallel")                         vocabulary; all-reduce, or reduce-scatter)
-    Replicate               any module         kept as is, parameters replicated (states the
-    ("replicate")                              intent in the plan)
-    ======================  =================  ===========================================
+Errors (ValueError naming the plan entry or module path, before anything is compiled): an entry
+matching no module (with the nearest module names), a module matched by two entries, a style
+that does not fit the module type, sizes or heads not divisible by tp, a bad option value
+(only the documented values are accepted), a swapped parameter shared with another module
+(except the tied embedding / LM head pair and identical-layout biases).
 
-Errors (ValueError naming the module path): a plan entry matching no module; a module matched
-by two entries; a style that does not fit the module's type; features (or, with ``head_dim``,
-heads) not divisible by the tp size; a swapped parameter shared with another module (tied
-weights).
+Attention kernels: ``torch.matmul`` of 4-D [B, H, S, hd] tensors folds B and H into one batch dim
+and makes the partitioner all-gather head-sharded q, k and v; :func:`head_parallel_attention`
+(einsums) keeps them apart. :func:`torch_impl.plans.auto_plan` registers it with transformers
+(with the eager kernel's mask function) and the migrated model uses it.
 
-:func:`gather_state_dict` is the reverse: an ordinary ``state_dict`` on the CPU with the keys,
-layouts and values of the original model (``weight = kernel.T`` ...), loadable with
-``load_state_dict(strict=True)``; the round trip is bit-exact.
-
-Attention kernels: the model's own attention code runs on the global tensors. Head-sharded
-``[B, H, S, hd]`` tensors stay head-local through elementwise ops and reshapes that keep B and H
-apart, but ``torch.matmul`` of 4-D tensors folds B and H into ONE batch dim before XLA sees it;
-with H sharded that merged dim is not a block layout, and the partitioner all-gathers q, k and v
-(measured on a migrated HF Llama: 4 all-gathers of [B, H, S, hd] per layer). Use
-:func:`head_parallel_attention` (einsums, which torch_xla lowers to one dot with B and H as
-separate batch dims) as the model's attention kernel, e.g. for Hugging Face models::
-
-    transformers.AttentionInterface.register("ringpar", head_parallel_attention)
-    transformers.AttentionMaskInterface.register(
-        "ringpar", transformers.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["eager"])
-    tp_model.set_attn_implementation("ringpar")
-
-(the second line matters: for an attention name with no mask function registered, transformers
-passes NO mask, and the attention silently stops being causal.)
-
-Public API: ``ParallelStyle``, ``ColwiseParallel``, ``RowwiseParallel``, ``AsyncColwiseParallel``,
-``AsyncRowwiseParallel``, ``SequenceParallel``, ``VocabParallel``, ``Replicate``, ``STYLES``,
-``parallelize_module``, ``gather_state_dict``, ``head_parallel_attention``.
+Public API: the styles (re-exported from :mod:`torch_impl.styles`), ``parallelize_module``,
+``name_map``, ``gather_state_dict``, ``load_state_dict``, ``head_parallel_attention``.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
+import difflib
+import re
 import typing as tp
 
 import torch
 from torch import nn
 
 from . import mesh as _mesh
-from .embedding import VocabParallelEmbed
-from .linear import (ColumnParallelLinear, MatrixMultiplyMethod, RowParallelLinear,
-                     TensorParallelConfig)
-from .norms import ParallelLayerNorm, ParallelRMSNorm, _norm_params
+from . import xla
+from .parallelize_layers import origin_of
+from .styles import (STYLES, AsyncColwiseParallel, AsyncRowwiseParallel, ColwiseParallel,
+                     ParallelStyle, Replicate, RowwiseParallel, SequenceParallel, VocabParallel,
+                     resolve_style)
 
 __all__ = ["ParallelStyle", "ColwiseParallel", "RowwiseParallel", "AsyncColwiseParallel",
            "AsyncRowwiseParallel", "SequenceParallel", "VocabParallel", "Replicate", "STYLES",
-           "parallelize_module", "gather_state_dict", "head_parallel_attention"]
-
-_ORIGIN = "_ringpar_origin"  # attribute on a swapped module: {original name: (new name, op)}
-
-
-# ----------------------------------------------------------------------------------- styles
-class ParallelStyle:
-    """Base class of the plan styles: ``apply(module, path, mesh, axis_name)`` returns the
-    replacement module (or ``module`` itself) and raises ValueError naming ``path`` when the
-    module does not fit."""
-
-    accepts: tp.ClassVar[str] = "a module"
-
-    def apply(self, module: nn.Module, path: str, mesh, axis_name: str) -> nn.Module:
-        """Return the module that replaces ``module`` (at ``path``) in the parallel model."""
-        raise NotImplementedError
-
-    def _type_error(self, module: nn.Module, path: str) -> ValueError:
-        return ValueError(f"{path or '<root>'}: style {self!r} expects {self.accepts}, got "
-                          f"{type(module).__name__}")
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({args})"
+           "parallelize_module", "name_map", "gather_state_dict", "load_state_dict",
+           "head_parallel_attention", "pattern_regex"]
 
 
-def _linear_check(style, module, path, n, *, need_in: bool, need_out: bool, head_dim):
-    if not isinstance(module, nn.Linear):
-        raise style._type_error(module, path)
-    for need, name, size in ((need_in, "in_features", module.in_features),
-                             (need_out, "out_features", module.out_features)):
-        if need and size % n:
-            raise ValueError(f"{path}: {name}={size} of {type(module).__name__} is not divisible "
-                             f"by the tensor-parallel size {n} ({style!r})")
-    if head_dim is not None:
-        size = module.out_features if isinstance(style, ColwiseParallel) else module.in_features
-        if size % head_dim:
-            raise ValueError(f"{path}: {size} features are not a whole number of heads of "
-                             f"head_dim={head_dim}")
-        heads = size // head_dim
-        if heads % n:
-            raise ValueError(f"{path}: {heads} heads ({size} features / head_dim={head_dim}) are "
-                             f"not divisible by the tensor-parallel size {n} ({style!r})")
+# -------------------------------------------------------------------------------- patterns
+def _component_regex(comp: str) -> str:
+    """One name component of a pattern: ``*`` / ``?`` / ``[...]`` never cross a dot."""
+    out, i = [], 0
+    while i < len(comp):
+        c = comp[i]
+        if c == "*":
+            out.append("[^.]*")
+        elif c == "?":
+            out.append("[^.]")
+        elif c == "[" and "]" in comp[i + 1:]:
+            j = comp.index("]", i + 1)
+            body = comp[i + 1:j]
+            neg = body.startswith("!")
+            out.append("[" + ("^" if neg else "") + re.escape(body[neg:]) + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
-def _head_dim(value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"head_dim={value!r}: expected None or a positive int")
-    return value
+def pattern_regex(pattern: str) -> re.Pattern:
+    """Compiled regex of a plan pattern: ``*`` matches within one dot-separated name component,
+    ``**`` (a whole component) any number of components, zero included.
 
-
-class ColwiseParallel(ParallelStyle):
-    """``nn.Linear`` -> :class:`ColumnParallelLinear` (weight split on the out features).
-
-    Args:
-        output_sharded: Keep the output sharded on its features (default; what a following
-            row-wise layer, the heads of an attention, or the vocab-parallel loss consume), else
-            all-gather it (replicated output).
-        head_dim: If given, the out features are heads of this size and their NUMBER must be
-            divisible by tp (ValueError otherwise): each device then holds whole heads.
-        bidirectional: Ring variants only (:class:`AsyncColwiseParallel`).
+    >>> bool(pattern_regex("**.mlp.*").fullmatch("model.layers.0.mlp.up"))
+    True
+    >>> bool(pattern_regex("layers.*.mlp").fullmatch("layers.0.1.mlp"))
+    False
     """
-
-    accepts = "an nn.Linear"
-    _method: tp.ClassVar[MatrixMultiplyMethod] = MatrixMultiplyMethod.PLAIN
-
-    def __init__(self, *, output_sharded: bool = True, head_dim: int | None = None):
-        self.output_sharded = bool(output_sharded)
-        self.head_dim = _head_dim(head_dim)
-
-    def method(self) -> MatrixMultiplyMethod:
-        """The matmul method of the replacement layer."""
-        return self._method
-
-    def apply(self, module, path, mesh, axis_name):
-        """Return a ColumnParallelLinear holding ``module``'s weights."""
-        n = _mesh.check_axis(mesh, axis_name)
-        method = self.method()
-        _linear_check(self, module, path, n, need_in=method.is_ring, need_out=True,
-                      head_dim=self.head_dim)
-        cfg = TensorParallelConfig(mesh=mesh, axis_name=axis_name, matmul_method=method,
-                                   reduce_scatter_output=self.output_sharded)
-        new = ColumnParallelLinear.from_linear(module, cfg)
-        setattr(new, _ORIGIN, {"weight": ("kernel", "t"), "bias": ("bias", None)})
-        return new
+    comps = pattern.split(".")
+    if comps == ["**"]:
+        return re.compile(".*")
+    out = ""
+    for i, comp in enumerate(comps):
+        if comp == "**":
+            out += r"(?:[^.]+\.)*" if i == 0 else r"(?:\.[^.]+)*"
+            continue
+        sep = "" if i == 0 or (i == 1 and comps[0] == "**") else r"\."
+        out += sep + _component_regex(comp)
+    return re.compile(out)
 
 
-class RowwiseParallel(ParallelStyle):
-    """``nn.Linear`` -> :class:`RowParallelLinear` (weight split on the in features).
-
-    Args:
-        output_sharded: Reduce-scatter the output onto its features instead of all-reducing it
-            (replicated output, the default).
-        head_dim: If given, the IN features are heads of this size (e.g. an attention output
-            projection) and their number must be divisible by tp.
-    """
-
-    accepts = "an nn.Linear"
-    _method: tp.ClassVar[MatrixMultiplyMethod] = MatrixMultiplyMethod.PLAIN
-
-    def __init__(self, *, output_sharded: bool = False, head_dim: int | None = None):
-        self.output_sharded = bool(output_sharded)
-        self.head_dim = _head_dim(head_dim)
-
-    def method(self) -> MatrixMultiplyMethod:
-        """The matmul method of the replacement layer."""
-        return self._method
-
-    def apply(self, module, path, mesh, axis_name):
-        """Return a RowParallelLinear holding ``module``'s weights."""
-        n = _mesh.check_axis(mesh, axis_name)
-        method = self.method()
-        _linear_check(self, module, path, n, need_in=True,
-                      need_out=self.output_sharded or method.is_ring, head_dim=self.head_dim)
-        cfg = TensorParallelConfig(mesh=mesh, axis_name=axis_name, matmul_method=method,
-                                   reduce_scatter_output=self.output_sharded)
-        new = RowParallelLinear.from_linear(module, cfg)
-        setattr(new, _ORIGIN, {"weight": ("kernel", "t"), "bias": ("bias", None)})
-        return new
+def _match(pattern: str, names: tp.Iterable[str]) -> list[str]:
+    rx = pattern_regex(pattern)
+    return [n for n in names if n and rx.fullmatch(n)]
 
 
-class AsyncColwiseParallel(ColwiseParallel):
-    """Column-wise with the ring ``all_gather_matmul``: the input is consumed sharded on its
-    features and gathered by n-1 collective-permutes overlapped with partial matmuls.
-
-    Args: as :class:`ColwiseParallel`, plus ``bidirectional`` (ring both ways, about half the
-    latency).
-    """
-
-    def __init__(self, *, output_sharded: bool = True, head_dim: int | None = None,
-                 bidirectional: bool = False):
-        super().__init__(output_sharded=output_sharded, head_dim=head_dim)
-        self.bidirectional = bool(bidirectional)
-
-    def method(self) -> MatrixMultiplyMethod:
-        """``all_gather_matmul[_bidirectional]``."""
-        return (MatrixMultiplyMethod.ALL_GATHER_BIDIRECTIONAL if self.bidirectional
-                else MatrixMultiplyMethod.ALL_GATHER)
-
-
-class AsyncRowwiseParallel(RowwiseParallel):
-    """Row-wise with the ring ``reduce_scatter_matmul``: partial sums travel n-1
-    collective-permutes; the output is sharded on its features by default.
-
-    Args: as :class:`RowwiseParallel` (``output_sharded`` defaults to True here: False adds an
-    all-gather after the ring), plus ``bidirectional``.
-    """
-
-    def __init__(self, *, output_sharded: bool = True, head_dim: int | None = None,
-                 bidirectional: bool = False):
-        super().__init__(output_sharded=output_sharded, head_dim=head_dim)
-        self.bidirectional = bool(bidirectional)
-
-    def method(self) -> MatrixMultiplyMethod:
-        """``reduce_scatter_matmul[_bidirectional]``."""
-        return (MatrixMultiplyMethod.REDUCE_SCATTER_BIDIRECTIONAL if self.bidirectional
-                else MatrixMultiplyMethod.REDUCE_SCATTER)
-
-
-class SequenceParallel(ParallelStyle):
-    """A LayerNorm / RMSNorm -> :class:`ParallelLayerNorm` / :class:`ParallelRMSNorm`.
-
-    Args:
-        sharding: "sequence" (default: input and output sharded on the sequence dim -2, scale /
-            bias replicated, their gradients all-reduced) or "features" (input sharded on the
-            features, as after an :class:`AsyncRowwiseParallel`; statistics all-reduced).
-    """
-
-    accepts = "an nn.LayerNorm, nn.RMSNorm or a '*RMSNorm' module (weight, variance_epsilon)"
-
-    def __init__(self, *, sharding: str = "sequence"):
-        if sharding not in ("sequence", "features"):
-            raise ValueError(f"sharding={sharding!r}: expected 'sequence' or 'features'")
-        self.sharding = sharding
-
-    def apply(self, module, path, mesh, axis_name):
-        """Return a parallel norm holding ``module``'s parameters."""
-        cls = ParallelLayerNorm if isinstance(module, nn.LayerNorm) else ParallelRMSNorm
-        try:
-            _norm_params(cls._kind, module)
-        except ValueError as exc:
-            raise self._type_error(module, path) from exc
-        cfg = TensorParallelConfig(mesh=mesh, axis_name=axis_name)
-        try:
-            new = cls.from_module(module, cfg, sharding=self.sharding)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-        setattr(new, _ORIGIN, {"weight": ("scale", None), "bias": ("bias", None)})
-        return new
-
-
-class VocabParallel(ParallelStyle):
-    """``nn.Embedding`` -> :class:`VocabParallelEmbed` (the table split on the vocabulary).
-
-    Args:
-        output_sharded: Reduce-scatter the output on ``scatter_dim`` instead of all-reducing it.
-        scatter_dim: -1 (features, for the ring layers) or -2 (the sequence: sequence parallel).
-    """
-
-    accepts = "an nn.Embedding"
-
-    def __init__(self, *, output_sharded: bool = False, scatter_dim: int = -1):
-        self.output_sharded, self.scatter_dim = bool(output_sharded), scatter_dim
-
-    def apply(self, module, path, mesh, axis_name):
-        """Return a VocabParallelEmbed holding ``module``'s table."""
-        if not isinstance(module, nn.Embedding):
-            raise self._type_error(module, path)
-        n = _mesh.check_axis(mesh, axis_name)
-        if module.num_embeddings % n:
-            raise ValueError(f"{path}: num_embeddings={module.num_embeddings} is not divisible by "
-                             f"the tensor-parallel size {n} ({self!r})")
-        cfg = TensorParallelConfig(mesh=mesh, axis_name=axis_name,
-                                   reduce_scatter_output=self.output_sharded)
-        try:
-            new = VocabParallelEmbed.from_embedding(module, cfg, scatter_dim=self.scatter_dim)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-        setattr(new, _ORIGIN, {"weight": ("embedding", None)})
-        return new
-
-
-class Replicate(ParallelStyle):
-    """Keep the module (any type) as it is, its parameters replicated on every device."""
-
-    accepts = "any module"
-
-    def apply(self, module, path, mesh, axis_name):
-        """Return ``module`` with its parameters on the XLA device, annotated as replicated."""
-        module.to(_mesh.xla_device())
-        for p in module.parameters():
-            _mesh.mark_sharding(p, mesh, (None,) * p.dim())
-        return module
-
-
-STYLES: dict[str, tp.Callable[[], ParallelStyle]] = {
-    "colwise": ColwiseParallel,
-    "rowwise": RowwiseParallel,
-    "colwise_ring": AsyncColwiseParallel,
-    "rowwise_ring": AsyncRowwiseParallel,
-    "sequence_parallel": SequenceParallel,
-    "vocab_parallel": VocabParallel,
-    "replicate": Replicate,
-}
-"""Style names accepted in a plan, with the style each one builds (default arguments)."""
-
-
-def _resolve_style(pattern: str, style: tp.Any) -> ParallelStyle:
-    if isinstance(style, ParallelStyle):
-        return style
-    if isinstance(style, str) and style in STYLES:
-        return STYLES[style]()
-    raise ValueError(f"plan[{pattern!r}]={style!r}: expected a ParallelStyle or one of "
-                     f"{sorted(STYLES)}")
+def _nearest(pattern: str, names: list[str]) -> str:
+    plain = [n for n in names if n]
+    generic = re.sub(r"\.\d+(?=\.|$)", ".*", pattern)
+    shapes = sorted({re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in plain})
+    close = difflib.get_close_matches(generic, shapes, n=5, cutoff=0.0)
+    return ", ".join(repr(n) for n in close)
 
 
 # ---------------------------------------------------------------------------------- drivers
@@ -365,128 +134,270 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
-def parallelize_module(model: nn.Module, mesh, plan: tp.Mapping[str, tp.Any], *,
+def _check_args(model, mesh, plan, axis_name, inplace) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__}: expected a torch.nn.Module")
+    if not isinstance(inplace, bool):
+        raise ValueError(f"inplace={inplace!r}: expected True or False")
+    if not isinstance(axis_name, str):
+        raise ValueError(f"axis_name={axis_name!r}: expected a mesh axis name (str)")
+    _mesh.require_spmd()
+    if not xla.is_mesh(mesh):
+        raise ValueError(f"mesh={type(mesh).__name__}: expected a torch_xla mesh "
+                         f"(torch_impl.mesh.create_mesh)")
+    _mesh.check_axis(mesh, axis_name, "axis_name")
+    if plan is not None and (not isinstance(plan, tp.Mapping) or not plan):
+        raise ValueError(f"plan={plan!r}: expected None (auto_plan) or a non-empty mapping "
+                         f"{{module name or pattern: style}}")
+
+
+def _assign(model: nn.Module, styles: dict) -> dict[str, str]:
+    """{module name: plan pattern}; ValueError for unmatched, doubly matched or nested names."""
+    names = [n for n, _ in model.named_modules()]
+    assigned: dict[str, str] = {}
+    for pattern in styles:
+        hits = [""] if pattern == "" else _match(pattern, names)
+        if not hits:
+            raise ValueError(f"plan entry {pattern!r} matches no module of "
+                             f"{type(model).__name__} ('*' matches one name component, '**' any "
+                             f"number); nearest module names: {_nearest(pattern, names)}")
+        for name in hits:
+            if name in assigned:
+                raise ValueError(f"{name}: matched by two plan entries, {assigned[name]!r} and "
+                                 f"{pattern!r}: expected exactly one style per module")
+            assigned[name] = pattern
+    for a in assigned:
+        for b in assigned:
+            if b != a and b.startswith(a + ".") or (a == "" and b):
+                raise ValueError(f"{b}: inside {a or '<root>'}, which the plan also names: "
+                                 f"expected plan entries on disjoint modules")
+    return assigned
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((mod_name, p_name))
+    return owners
+
+
+def _build(model, assigned, styles, mesh, axis_name) -> dict[str, nn.Module]:
+    """The replacement of every assigned module (embeddings first: a tied head needs them)."""
+    owners = _owners(model)
+    order = sorted(assigned, key=lambda n: not isinstance(styles[assigned[n]], VocabParallel))
+    new: dict[str, nn.Module] = {}
+    tables: dict[int, nn.Parameter] = {}  # original embedding weight -> vocab-parallel table
+    for name in order:
+        style, module = styles[assigned[name]], model.get_submodule(name)
+        weight = getattr(module, "weight", None)
+        if (isinstance(style, ColwiseParallel) and isinstance(weight, torch.Tensor)
+                and id(weight) in tables):
+            new[name] = style.apply_tied(module, name, mesh, axis_name, tables[id(weight)])
+            continue
+        new[name] = style.apply(module, name, mesh, axis_name)
+        if isinstance(style, VocabParallel):
+            tables[id(module.weight)] = new[name].embedding
+    _check_tied(model, new, owners)
+    return new
+
+
+def _inside(name: str, swapped: tp.Iterable[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in swapped if s)
+
+
+def _check_tied(model, new: dict, owners) -> None:
+    """ValueError if a swapped parameter is shared outside its module in a changed layout."""
+    for name, repl in new.items():
+        origin = origin_of(repl)
+        if origin is None:
+            continue
+        module = model.get_submodule(name)
+        for p_name, p in module.named_parameters(recurse=False):
+            others = [f"{m}.{n}" if m else n for m, n in owners.get(id(p), [])
+                      if not (m == name and n == p_name)]
+            if not others or _tied_ok(repl, p_name):
+                continue
+            layout = origin[p_name][1]
+            if layout.transpose or layout.perm is not None:
+                raise ValueError(f"{name}: parameter {p_name!r} is shared with {others} (tied "
+                                 f"weights) and the plan changes its layout: swapping it would "
+                                 f"untie them; untie them first, leave {name!r} out of the plan, "
+                                 f"or (an LM head tied to its embedding) give the embedding "
+                                 f"VocabParallel and the head ColwiseParallel")
+
+
+def _tied_ok(repl: nn.Module, p_name: str) -> bool:
+    from .parallelize_layers import TiedVocabHead
+
+    return isinstance(repl, TiedVocabHead) and p_name == "weight"
+
+
+def _retie(model, new: dict, originals: dict, owners) -> None:
+    """Point every other user of a swapped same-layout parameter at its new Parameter."""
+    for name, repl in new.items():
+        origin = origin_of(repl)
+        if origin is None:
+            continue
+        module = originals[name]
+        for p_name, p in module.named_parameters(recurse=False):
+            new_p = getattr(repl, origin[p_name][0])
+            for m, n in owners.get(id(p), []):
+                if not _inside(m, new):
+                    setattr(model.get_submodule(m) if m else model, n, new_p)
+
+
+def parallelize_module(model: nn.Module, mesh, plan: tp.Mapping[str, tp.Any] | None = None, *,
                        axis_name: str = "tp", inplace: bool = True) -> nn.Module:
     """Swap the modules named by ``plan`` for tensor-parallel layers over ``mesh``'s ``axis_name``.
 
     Args:
         model: Any ``nn.Module`` (its parameters on the CPU or the XLA device).
         mesh: A torch_xla mesh (``torch_impl.mesh.create_mesh``) with ``axis_name``.
-        plan: ``{module name or fnmatch glob: style}``: a :class:`ParallelStyle` or a name in
-            :data:`STYLES`. Names are those of ``model.named_modules()`` (e.g.
-            ``"model.layers.*.mlp.up_proj"``; ``*`` also matches dots).
+        plan: ``{module name or pattern: style}`` (a :class:`ParallelStyle` or a name in
+            :data:`STYLES`); in a pattern ``*`` matches one name component, ``**`` any number,
+            ``[qkv]`` one of the characters. None: :func:`torch_impl.plans.auto_plan` of the
+            model (Hugging Face GPT-2, Llama, Mistral, Qwen2, BERT, RoBERTa, GPT-NeoX).
         axis_name: The tensor-parallel mesh axis.
         inplace: Modify ``model`` (default) or a deep copy of it (``model`` is then untouched).
 
     Returns:
         The parallel model: matched modules replaced (holding exactly the original weights),
         every other module unchanged in code, all parameters and buffers on the XLA device.
+        A plan with a ``prepare(model)`` method (an auto plan) has it called on the result
+        (e.g. selecting the head-parallel attention kernel).
 
     Raises:
-        ValueError (naming the module path or plan entry): an entry matching nothing, a module
-        matched by two entries, a style that does not fit the module type, sizes not divisible
-        by the tp size, a swapped parameter shared with another module; a mesh without
-        ``axis_name`` or SPMD not enabled.
+        ValueError (naming the plan entry or module path): see the module docstring.
+
+    Example::
+
+        tp_model = parallelize_module(model, mesh, {"**.mlp.up": "colwise",
+                                                    "**.mlp.down": "rowwise"}, inplace=False)
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model={type(model).__name__}: expected a torch.nn.Module")
-    if not isinstance(plan, tp.Mapping) or not plan:
-        raise ValueError(f"plan={plan!r}: expected a non-empty mapping {{module name or glob: "
-                         f"style}}")
-    _mesh.require_spmd()
-    _mesh.check_axis(mesh, axis_name)
+    _check_args(model, mesh, plan, axis_name, inplace)
+    if plan is None:
+        from .plans import auto_plan
+
+        plan = auto_plan(model, _mesh.check_axis(mesh, axis_name))
     styles = {}
     for pattern, style in plan.items():
         if not isinstance(pattern, str):
-            raise ValueError(f"plan key {pattern!r}: expected a module name or glob (str)")
-        styles[pattern] = _resolve_style(pattern, style)
+            raise ValueError(f"plan key {pattern!r}: expected a module name or pattern (str)")
+        styles[pattern] = resolve_style(pattern, style)
     if not inplace:
         model = copy.deepcopy(model)
-
-    modules = dict(model.named_modules())
-    assigned: dict[str, str] = {}
-    for pattern in styles:
-        hits = [name for name in modules if name and fnmatch.fnmatchcase(name, pattern)]
-        if pattern == "" and "" in modules:
-            hits = [""]
-        if not hits:
-            raise ValueError(f"plan entry {pattern!r} matches no module of {type(model).__name__}"
-                             f" (module names look like {_examples(modules)})")
-        for name in hits:
-            if name in assigned:
-                raise ValueError(f"{name}: matched by two plan entries, {assigned[name]!r} and "
-                                 f"{pattern!r}: expected exactly one style per module")
-            assigned[name] = pattern
-    nested = [(a, b) for a in assigned for b in assigned if b != a and b.startswith(a + ".")]
-    if nested:
-        a, b = nested[0]
-        raise ValueError(f"{b}: inside {a}, which the plan also names: expected plan entries on "
-                         f"disjoint modules")
-
-    _check_tied(model, assigned, styles)
-    for name, pattern in assigned.items():
-        style = styles[pattern]
-        new = style.apply(modules[name], name, mesh, axis_name)
-        if new is not modules[name]:
-            if name == "":
-                raise ValueError(f"plan entry {pattern!r}: the root module cannot be replaced")
-            _set_child(model, name, new)
+    assigned = _assign(model, styles)
+    if "" in assigned and not isinstance(styles[assigned[""]], Replicate):
+        raise ValueError(f"plan entry {assigned['']!r}: the root module cannot be replaced")
+    owners = _owners(model)
+    new = _build(model, assigned, styles, mesh, axis_name)
+    originals = {name: model.get_submodule(name) for name in new}
+    for name, repl in new.items():
+        if repl is not model.get_submodule(name):
+            _set_child(model, name, repl)
+    _retie(model, new, originals, owners)
     model.to(_mesh.xla_device())  # the untouched modules: replicated on the XLA device
+    prepare = getattr(plan, "prepare", None)
+    if callable(prepare):
+        prepare(model)
     return model
 
 
-def _examples(modules) -> str:
-    names = [n for n in modules if n][:4]
-    return ", ".join(repr(n) for n in names) + (", ..." if len(modules) > 5 else "")
+# ------------------------------------------------------------------------------ state dicts
+def name_map(model: nn.Module) -> dict[str, str]:
+    """``{original state_dict key: parallel state_dict key}`` of a model made by
+    :func:`parallelize_module` (identical keys for modules that were not swapped).
+
+    Example: ``name_map(tp_gpt2)["transformer.h.0.attn.c_attn.weight"]`` is
+    ``"transformer.h.0.attn.c_attn.kernel"``.
+    """
+    return {orig: par for par, (orig, _) in _key_layouts(model).items()}
 
 
-def _check_tied(model: nn.Module, assigned: dict, styles: dict) -> None:
-    """ValueError if a parameter of a module to be swapped is also used by another module."""
-    owners: dict[int, list[str]] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for p_name, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
-    for name in assigned:
-        if isinstance(styles[assigned[name]], Replicate):
+def _key_layouts(model: nn.Module) -> dict[str, tuple[str, tp.Any]]:
+    """{parallel key: (original key, Layout or None)} over ``model.state_dict()``."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__}: expected a torch.nn.Module")
+    swapped = {name: origin_of(m) for name, m in model.named_modules() if origin_of(m)}
+    out = {}
+    for key in model.state_dict():
+        prefix, _, leaf = key.rpartition(".")
+        origin = swapped.get(prefix)
+        if origin is None:
+            out[key] = (key, None)
             continue
-        module = model.get_submodule(name) if name else model
-        for p_name, p in module.named_parameters(recurse=False):
-            users = owners.get(id(p), [])
-            if len(users) > 1:
-                raise ValueError(f"{name}: parameter {p_name!r} is shared with "
-                                 f"{[u for u in users if u != f'{name}.{p_name}']} (tied weights):"
-                                 f" swapping it would untie them; untie them first or leave "
-                                 f"{name!r} out of the plan")
+        matches = [(o, lay) for o, (n, lay) in origin.items() if n == leaf]
+        if not matches:
+            kind = type(model.get_submodule(prefix)).__name__
+            raise ValueError(f"{key}: entry of a swapped {kind} with no original name (expected "
+                             f"one of {[n for n, _ in origin.values()]})")
+        orig, lay = matches[0]
+        out[key] = (f"{prefix}.{orig}" if prefix else orig, lay)
+    return out
 
 
 def gather_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of the ORIGINAL model, from a model made by :func:`parallelize_module`.
 
-    Swapped layers are converted back to the original names and layouts (``kernel`` [in, out]
-    -> ``weight`` [out, in]; ``embedding`` / ``scale`` -> ``weight``); every other entry of
-    ``model.state_dict()`` is copied. All tensors are gathered to contiguous CPU tensors, so the
-    result loads into the original (unsharded, CPU) model with ``load_state_dict(strict=True)``;
-    values are bit-exact.
+    Swapped layers are converted back to the original names and layouts (``kernel`` [in, out] ->
+    ``weight`` [out, in], fused q|k|v un-permuted, ``embedding`` / ``scale`` -> ``weight``);
+    every other entry is copied. Contiguous CPU tensors, bit-exact: the result loads into the
+    original (unsharded) model with ``load_state_dict(strict=True)``.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model={type(model).__name__}: expected a torch.nn.Module")
-    swapped = {name: m for name, m in model.named_modules() if hasattr(m, _ORIGIN)}
+    layouts = _key_layouts(model)
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
-        prefix, _, leaf = key.rpartition(".")
-        module = swapped.get(prefix)
-        if module is not None:
-            origin = getattr(module, _ORIGIN)
-            matches = [o for o, (new, _) in origin.items() if new == leaf]
-            if not matches:
-                raise ValueError(f"{key}: entry of a swapped {type(module).__name__} with no "
-                                 f"original name (expected one of "
-                                 f"{[n for n, _ in origin.values()]})")
-            transform = origin[matches[0]][1]
-            key = f"{prefix}.{matches[0]}" if prefix else matches[0]
-            value = value.t() if transform == "t" else value
-        out[key] = value.detach().to("cpu").contiguous().clone()
+        orig, lay = layouts[key]
+        value = value.detach().to("cpu")
+        if lay is not None:
+            value = lay.to_original(value, is_bias=value.dim() == 1)
+        out[orig] = value.contiguous().clone()
     return out
+
+
+def load_state_dict(model: nn.Module, state_dict: tp.Mapping[str, torch.Tensor], *,
+                    strict: bool = True):
+    """Load an ORDINARY (unsharded, original-named) ``state_dict`` into a migrated model.
+
+    Keys are mapped with :func:`name_map`, values converted to the parallel layouts and copied
+    into the sharded parameters (their shardings are kept). A key missing for one of several
+    tied entries (e.g. ``lm_head.weight`` of a checkpoint that stores only the embedding) is
+    taken from the others. Returns ``model.load_state_dict``'s result.
+
+    Raises:
+        ValueError: ``strict`` and keys missing or unexpected (listed), or a shape mismatch.
+    """
+    if not isinstance(state_dict, tp.Mapping):
+        raise ValueError(f"state_dict={type(state_dict).__name__}: expected a mapping")
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict={strict!r}: expected True or False")
+    layouts = _key_layouts(model)
+    current = model.state_dict()
+    groups: dict[int, list[str]] = {}  # keys of one (tied) parameter
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False):
+            groups.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    tied = {key: keys for keys in groups.values() for key in keys}
+    converted, missing = {}, []
+    for key, (orig, lay) in layouts.items():
+        src = orig if orig in state_dict else next(
+            (layouts[k][0] for k in tied.get(key, ()) if layouts[k][0] in state_dict), None)
+        if src is None:
+            missing.append(orig)
+            continue
+        value = torch.as_tensor(state_dict[src])
+        if lay is not None:
+            value = lay.to_parallel(value, is_bias=value.dim() == 1)
+        if tuple(value.shape) != tuple(current[key].shape):
+            raise ValueError(f"state_dict[{src!r}]: shape {tuple(state_dict[src].shape)} does not "
+                             f"match the model's (parallel {key!r}: {tuple(current[key].shape)})")
+        converted[key] = value
+    unexpected = sorted(set(state_dict) - {orig for orig, _ in layouts.values()})
+    if strict and (missing or unexpected):
+        raise ValueError(f"state_dict: missing keys {missing}, unexpected keys {unexpected} "
+                         f"(expected the original model's keys; strict=True)")
+    return model.load_state_dict(converted, strict=False)
 
 
 # ------------------------------------------------------------------------------ attention

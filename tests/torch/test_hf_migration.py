@@ -17,8 +17,10 @@ hidden 64, 8 heads of 8 (8 key/value heads, so tp = 8 still splits whole kv head
 3. the loss is ringpar's vocab-parallel cross-entropy on the sharded logits, compared with the
    model's OWN loss (``model(ids, labels=labels).loss``, HF shifts the labels internally).
 
-Measured (float32, normwise relative error max|a - ref| / max|ref| against the unsharded CPU
-model, max over the Megatron plan at tp = 1, 2, 4, 8 and the ring plan at tp = 2, 4, 8):
+Asserted here: the Megatron plan at tp = 2 and the ring plan at tp = 4 (the auto plans of
+tests/torch/test_plans.py cover more). Measured once (float32, normwise relative error
+max|a - ref| / max|ref| against the unsharded CPU model, max over the Megatron plan at
+tp = 1, 2, 4, 8 and the ring plan at tp = 2, 4, 8):
 logits 3.3e-07, loss 9.8e-08, parameter gradients 9.4e-07. Asserted <= 1e-5.
 ``gather_state_dict`` returns the original state_dict bit for bit, and it loads into a fresh
 ``LlamaForCausalLM`` with ``strict=True``.
@@ -132,16 +134,16 @@ def reference(model, ids, labels):
 
 def migrated_grads(tp_model):
     """Gradients of the migrated model under the original names and layouts."""
-    from torch_impl.parallelize import _ORIGIN
+    from torch_impl.parallelize_layers import origin_of
 
     out = {}
     for name, mod in tp_model.named_modules():
-        origin = getattr(mod, _ORIGIN, None)
+        origin = origin_of(mod)
         for pname, p in mod.named_parameters(recurse=False):
             g = p.grad.detach().cpu()
             if origin is not None:
-                (oname, op), = [(o, t) for o, (n, t) in origin.items() if n == pname]
-                pname, g = oname, (g.t() if op == "t" else g)
+                (oname, lay), = [(o, lay) for o, (n, lay) in origin.items() if n == pname]
+                pname, g = oname, lay.to_original(g, is_bias=g.dim() == 1)
             out[f"{name}.{pname}"] = g
     return out
 
@@ -160,8 +162,7 @@ def run_migrated(tp_model, mesh, ids, labels, device, hlo_text=False):
     return logits, loss, text
 
 
-@pytest.mark.parametrize("plan_name,tp", [("megatron", 1), ("megatron", 2), ("megatron", 4),
-                                          ("megatron", 8), ("ring", 2), ("ring", 4), ("ring", 8)])
+@pytest.mark.parametrize("plan_name,tp", [("megatron", 2), ("ring", 4)])
 def test_llama_migration_matches_original(plan_name, tp, make_torch_mesh, xla_device):
     from torch_impl.linear import ColumnParallelLinear, RowParallelLinear
 
