@@ -16,15 +16,22 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Case", "ModuleSpec", "MODULES", "TOLERANCES", "AXIS_SIZES", "DTYPES", "register",
-           "default_matrix", "select", "make_data"]
+__all__ = ["Case", "ModuleSpec", "MODULES", "TOLERANCES", "ELEMENTWISE", "AXIS_SIZES", "DTYPES",
+           "register", "default_matrix", "select", "make_data"]
 
 AXIS_SIZES = (1, 2, 4, 8)
 DTYPES = ("float32", "bfloat16")
-# Normwise relative error bound, max|a - b| / max|b|, per dtype (see parity.runner.compare).
+# Normwise relative error bound, max|a - b| / max|b|, per dtype (see parity.compare).
 TOLERANCES = {"float32": 1e-5, "bfloat16": 2e-2}
 # The loosest tolerance a case may claim per dtype: a case asking for more is itself a defect.
 MAX_TOLERANCES = {"float32": 1e-5, "bfloat16": 5e-2}
+# Elementwise bound (atol, rtol) per dtype: |a - b| <= atol + rtol * |b| for every element, as
+# numpy.testing.assert_allclose (see parity.compare); modules may set their own (ModuleSpec).
+# Measured on the full 176-case run of 2026-12-03 (CaseReport.atol_needed: the smallest atol
+# passing at that rtol): float32 <= 7.0e-7 at rtol 1e-4 (pipeline p=4 m=9; tp/linear/GPT
+# <= 4.1e-7); bfloat16 <= 7.8e-3 at rtol 2e-2 (tpdense scatter n=8; linear 7.0e-3). Worst
+# elementwise ratio with the bounds below: 0.47 (float32), 0.44 (bfloat16, default bounds).
+ELEMENTWISE = {"float32": (2e-6, 1e-4), "bfloat16": (2e-2, 2e-2)}
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,13 @@ class Case:
         """The case's tolerance (its own, or the dtype default)."""
         return TOLERANCES[self.dtype] if self.tolerance is None else self.tolerance
 
+    @property
+    def elementwise(self) -> tuple[float, float]:
+        """The case's elementwise ``(atol, rtol)``: its module's, or the dtype default."""
+        spec = MODULES.get(self.module)
+        own = spec.elementwise.get(self.dtype) if spec is not None else None
+        return own if own is not None else ELEMENTWISE[self.dtype]
+
     def option(self, key: str, default=None):
         """Value of an ``extra`` option."""
         return dict(self.extra).get(key, default)
@@ -78,6 +92,10 @@ class ModuleSpec:
         default=lambda variant, n: [()])
     batch_for: Callable[[int, tuple], int] | None = None
     tolerances: dict[str, float] = field(default_factory=dict)
+    elementwise: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # False: all-reduces over the same groups are compared by presence, not total bytes (a
+    # documented, known difference of the module; see parity.compare).
+    all_reduce_bytes: bool = True
 
 
 MODULES: dict[str, ModuleSpec] = {}
@@ -203,7 +221,15 @@ register(ModuleSpec(
     extras=lambda variant, n: [(("microbatches", m),) for m in sorted({1, 2 * n + 1})],
     batch_for=lambda n, extra: (8 // n) * dict(extra)["microbatches"] * 2,
     # bf16 through 8 tanh-dense stages: input-gradient error 2.6e-2 measured (fp32: <= 8e-7).
-    tolerances={"bfloat16": 5e-2}))
+    tolerances={"bfloat16": 5e-2},
+    # bf16 weight gradients summed over every micro-batch: atol 5.25e-2 needed at rtol 2e-2
+    # (p=2, m=5; the other 7 bf16 cases <= 5.0e-2).
+    elementwise={"bfloat16": (0.1, 2e-2)},
+    # Known difference: torch's pipeline backward all-reduces the whole (m + p - 1)-step output
+    # buffer over the stages where JAX all-reduces one micro-batch (p=4, m=9: 1536 B vs 128 B per
+    # device; m=1: 512 B vs 128 B). Same groups, different volume: compared by presence until the
+    # torch pipeline is fixed.
+    all_reduce_bytes=False))
 
 
 # ------------------------------------------------------------------------------------ GPT
@@ -251,4 +277,33 @@ register(ModuleSpec(
     # in a separate run; tests/parity/test_gpt_twins.py covers them).
     axis_sizes=(4,),
     # bf16 torch vs JAX through 2 blocks and the loss: gradients up to 1.9e-2 measured.
-    tolerances={"bfloat16": 5e-2}))
+    tolerances={"bfloat16": 5e-2},
+    # bf16 logits/gradients: atol 1.1e-2 needed at rtol 2e-2 (ring; full run of 2026-12-03).
+    elementwise={"bfloat16": (5e-2, 2e-2)}))
+
+
+# ------------------------------------------------------------------ circular pipeline (issue 17)
+# The pipeline case with r = 2 repeats (jax_impl / torch_impl.pipeline_circular): 2p layers
+# tanh(Dense(F)), layer k*p + d is row d of repeat k; m = p + 1 micro-batches (a returning
+# micro-batch waits one step in device 0's buffer). Case ids contain "repeats2".
+def _circular_shapes(c: Case) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for k in range(c.option("repeats")):
+        stem = f"RepeatedStage_0.repeats_{k}.sharded.Dense_0"
+        shapes[f"{stem}.kernel"] = (c.axis_size, c.in_features, c.in_features)
+        shapes[f"{stem}.bias"] = (c.axis_size, c.in_features)
+    return shapes
+
+
+register(ModuleSpec(
+    name="pipeline_circular", variants=("mlp",), param_shapes=_circular_shapes,
+    input_shape=lambda c: (c.batch, c.in_features),
+    output_shape=lambda c: (c.batch, c.in_features),
+    shapes=((0, 16, 16),), axis_sizes=(2, 4),
+    extras=lambda variant, n: [(("microbatches", n + 1), ("repeats", 2))],
+    batch_for=lambda n, extra: (8 // n) * dict(extra)["microbatches"] * 2,
+    tolerances={"bfloat16": 5e-2},
+    # bf16 weight gradients reach |g| ~ 9 (bf16 spacing 0.0625 there): near-zero elements are
+    # off by up to atol 0.043 (rtol 0.02) measured at n2, 0.030 at n4 (GPipe cases: up to 0.053).
+    elementwise={"bfloat16": (0.1, 0.02)},
+    all_reduce_bytes=False))  # the output all-reduce, as for "pipeline" above

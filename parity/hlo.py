@@ -16,8 +16,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-__all__ = ["COLLECTIVE_KINDS", "Collective", "canonical_groups", "collectives", "signature", "count", "ring_pairs",
-           "instruction_count", "communication_bytes", "dot_flops"]
+__all__ = ["COLLECTIVE_KINDS", "Collective", "canonical_groups", "collectives", "signature",
+           "count", "ring_pairs", "instruction_count", "communication_bytes", "dot_flops"]
 
 
 COLLECTIVE_KINDS = (
@@ -39,12 +39,18 @@ _SHAPE = re.compile(r"(?P<dt>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
 
 @dataclass(frozen=True)
 class Collective:
-    """One collective op: its kind, sorted permute pairs (or ()), replica groups text, result bytes."""
+    """One collective op: its kind, sorted permute pairs (or ()), replica groups text, result bytes.
+
+    ``replica_groups`` is sorted within and across groups (what the devices are);
+    ``ordered_groups`` keeps each group's device order (the order an all-gather concatenates
+    in and a reduce-scatter hands blocks out), with only the list of groups sorted.
+    """
 
     kind: str
     pairs: tuple[tuple[int, int], ...] = ()
     replica_groups: str = ""
     result_bytes: int = 0
+    ordered_groups: str = ""
 
     @property
     def group_size(self) -> int:
@@ -69,6 +75,10 @@ class Collective:
         """Comparison key: kind, pairs and replica groups (sizes and channel ids excluded)."""
         return (self.kind, self.pairs, self.replica_groups)
 
+    def exact_key(self) -> tuple:
+        """Exact comparison key: kind, pairs, replica groups in device order, result bytes."""
+        return (self.kind, self.pairs, self.ordered_groups, self.result_bytes)
+
 
 def _bytes_of(type_text: str) -> int:
     total = 0
@@ -83,11 +93,13 @@ def _bytes_of(type_text: str) -> int:
     return total
 
 
-def canonical_groups(text: str) -> str:
+def canonical_groups(text: str, keep_order: bool = False) -> str:
     """Replica groups in one explicit, sorted form: ``{{0,1},{2,3}}``.
 
     XLA prints groups either explicitly (``{{0,4},{1,5}}``) or in iota form (``[2,4]<=[8]``,
     ``[4,2]<=[2,4]T(1,0)``); the two front ends may choose differently for the same groups.
+    With ``keep_order`` each group keeps its device order (``{{1,0},{2,3}}`` stays so); only
+    the list of groups is sorted, since which group comes first has no meaning.
     """
     if not text:
         return ""
@@ -106,7 +118,7 @@ def canonical_groups(text: str) -> str:
         groups = [ids[i:i + size] for i in range(0, len(ids), size)]
     else:
         groups = [[int(v) for v in g.split(",") if v] for g in re.findall(r"\{([\d,]*)\}", text)]
-    groups = sorted(sorted(g) for g in groups)
+    groups = sorted(g if keep_order else sorted(g) for g in groups)
     return "{" + ",".join("{" + ",".join(map(str, g)) + "}" for g in groups) + "}"
 
 
@@ -157,6 +169,7 @@ def collectives(hlo_text: str, include_trivial: bool = False) -> list[Collective
                                  for p in re.findall(r"\{(\d+,\d+)\}", pairs_m.group("body"))))
         groups_m = _GROUPS.search(line)
         groups = canonical_groups(groups_m.group("v")) if groups_m else ""
+        ordered = canonical_groups(groups_m.group("v"), keep_order=True) if groups_m else ""
         if not include_trivial and _trivial(groups, pairs):
             continue
         rtype = m.group("rtype")
@@ -164,20 +177,40 @@ def collectives(hlo_text: str, include_trivial: bool = False) -> list[Collective
             shapes = _SHAPE.findall(rtype)
             rtype = "{}[{}]".format(*shapes[-1]) if shapes else rtype
         out.append(Collective(kind=m.group("kind"), pairs=pairs,
-                              replica_groups=groups,
-                              result_bytes=_bytes_of(rtype)))
+                              replica_groups=groups, result_bytes=_bytes_of(rtype),
+                              ordered_groups=ordered))
     return out
 
 
-def signature(hlo_text_or_ops, merge_all_reduces: bool = False) -> Counter:
+def signature(hlo_text_or_ops, merge_all_reduces: bool = False, exact: bool = False) -> Counter:
     """Multiset of (kind, pairs, replica_groups) of a program: what 'same communication' means.
 
-    With ``merge_all_reduces`` every all-reduce over the same groups counts once: XLA's
-    all-reduce combiner merges independent reductions (e.g. of a kernel's and a bias's gradients)
-    into one tuple op or not by heuristics that differ between front ends, while the data and the
-    groups are the same.
+    With ``exact`` the keys are :meth:`Collective.exact_key`: replica groups keep their device
+    order and each op's result bytes count, so a reordered group or a resized op differs.
+
+    With ``merge_all_reduces`` all-reduces over the same groups are merged: XLA's all-reduce
+    combiner merges independent reductions (e.g. of a kernel's and a bias's gradients) into one
+    tuple op or not by heuristics that differ between front ends, while the data and the groups
+    are the same. Without ``exact`` they count once (presence); with ``exact`` they become one
+    key per group set carrying the total bytes reduced over it, which the combiner preserves.
+
+    Example::
+
+        signature(text, exact=True, merge_all_reduces=True)
+        # Counter({('collective-permute', ((0, 1), (1, 0)), '', 256): 2,
+        #          ('all-reduce', (), '{{0,1}}', 1088): 1})
     """
     ops = collectives(hlo_text_or_ops) if isinstance(hlo_text_or_ops, str) else hlo_text_or_ops
+    if exact:
+        sig = Counter(op.exact_key() for op in ops if not (merge_all_reduces
+                                                          and op.kind == "all-reduce"))
+        if merge_all_reduces:
+            totals = Counter()
+            for op in ops:
+                if op.kind == "all-reduce":
+                    totals[op.ordered_groups] += op.result_bytes
+            sig.update({("all-reduce", (), g, b): 1 for g, b in totals.items()})
+        return sig
     sig = Counter(op.key() for op in ops)
     if merge_all_reduces:
         for key in sig:

@@ -1,8 +1,13 @@
 """The JAX side of the parity harness: builds each case's module and runs forward + backward.
 
-Twin of ``parity.torch_backend``. ``run(case, data)`` returns a ``BackendResult`` with the global
-output, the gradients of ``sum(y * cotangent)`` w.r.t. the input (``x``) and every parameter (flat
-paths joined by '.'), and the HLO text of the compiled forward+backward program.
+Twin of ``parity.torch_backend``; implements :class:`parity.backend.Backend`. ``run(case, data)``
+returns a ``BackendResult`` with the global output, the gradients of ``sum(y * cotangent)`` w.r.t.
+the input (``x``) and every parameter (flat paths joined by '.'), and the HLO text of the compiled
+forward+backward program and of the forward alone.
+
+Each program is compiled once per case and the compiled executable gives both the HLO text and
+the run. Cases whose lowered programs are identical (e.g. several variants at tp=1) share one
+compile (:func:`compile_shared`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,30 @@ from jax.sharding import PartitionSpec as P
 from jax_impl.configs import ParallelConfig
 from jax_impl.mesh import create_mesh
 
+from .backend import BackendResult
 from .cases import Case
-from .runner import BackendResult
 
-__all__ = ["run", "build", "Program", "ADAPTERS"]
+__all__ = ["prepare", "run", "build", "Program", "ADAPTERS", "compile_shared"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_COMPILED: dict = {}  # (lowered module text, argument tree) -> compiled executable
+
+
+def prepare() -> None:
+    """Nothing to set up: JAX reads the device environment at its first use."""
+
+
+def compile_shared(fn, *args):
+    """``jax.jit(fn).lower(*args).compile()``, reusing the executable of an identical program.
+
+    Lowering is cheap next to XLA's compile; two cases whose lowered modules (and argument
+    trees) are equal run the same program, so the second one reuses the first's executable.
+    """
+    lowered = jax.jit(fn).lower(*args)
+    key = (lowered.as_text(), str(jax.tree.structure(args)))
+    if key not in _COMPILED:
+        _COMPILED[key] = lowered.compile()
+    return _COMPILED[key]
 
 
 def _flat(tree, prefix="") -> dict:
@@ -97,8 +120,8 @@ def build_shard_mapped(module: nn.Module, mesh, case: Case, data: dict, x_spec, 
         gp, gx = vjp(ct)
         return y, gp, gx
 
-    compiled = jax.jit(fwd_bwd).lower(params, x, cot).compile()
-    fwd_text = jax.jit(forward).lower(params, x).compile().as_text()
+    compiled = compile_shared(fwd_bwd, params, x, cot)
+    fwd_text = compile_shared(forward, params, x).as_text()
     return Program(lambda: compiled(params, x, cot), compiled.as_text(), fwd_text, compiled)
 
 
@@ -186,8 +209,8 @@ def _linear(case: Case, data: dict) -> Program:
         gs, gx = vjp(ct)
         return y, {k: gs[k].value for k in ("kernel", "bias")}, gx
 
-    compiled = jax.jit(fwd_bwd).lower(state, x, cot).compile()
-    fwd_text = jax.jit(forward).lower(state, x).compile().as_text()
+    compiled = compile_shared(fwd_bwd, state, x, cot)
+    fwd_text = compile_shared(forward, state, x).as_text()
     return Program(lambda: compiled(state, x, cot), compiled.as_text(), fwd_text, compiled)
 
 
@@ -228,7 +251,9 @@ class GPTProgram:
 
         self.model, self.tokens, self.targets = model, tokens, targets
         self._loss_and_grads = loss_and_grads
-        *_, self.hlo_text = loss_and_grads(model, tokens, targets, hlo=True)
+        # The compiling call's outputs are the result: no second compile (loss_and_grads jits
+        # afresh per call).
+        *self._first, self.hlo_text = loss_and_grads(model, tokens, targets, hlo=True)
         self.fwd_hlo_text = forward_hlo(model, tokens)
 
     def step(self):
@@ -236,8 +261,8 @@ class GPTProgram:
         return jax.block_until_ready(self._loss_and_grads(self.model, self.tokens, self.targets))
 
     def result(self) -> BackendResult:
-        """Loss, logits and parameter gradients as float32 NumPy."""
-        loss, logits, grads = self.step()
+        """Loss, logits and parameter gradients as float32 NumPy (of the compiling run)."""
+        loss, logits, grads = jax.block_until_ready(self._first)
         to_np = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
         return BackendResult(outputs={"loss": to_np(loss), "logits": to_np(logits)},
                              grads={k: to_np(v) for k, v in grads.items()},
@@ -272,3 +297,22 @@ def build(case: Case, data: dict) -> Program:
 def run(case: Case, data: dict) -> BackendResult:
     """Run ``case`` on JAX once: outputs, gradients and the compiled HLO text."""
     return build(case, data).result()
+
+
+# ------------------------------------------------------------------ circular pipeline (issue 17)
+def _pipeline_circular(case: Case, data: dict) -> Program:
+    from jax_impl.pipeline_circular import CircularPipelineModule
+    from jax_impl.tensor_parallel import ModelParallelismWrapper
+
+    mesh = create_mesh(ParallelConfig(pipeline_axis_size=case.axis_size))
+    stage = functools.partial(ModelParallelismWrapper, model_axis_name="pp",
+                              module_fn=functools.partial(PipelineStage, features=case.in_features))
+    model = CircularPipelineModule(model_axis_name="pp",
+                                   num_microbatches=case.option("microbatches"),
+                                   num_pipeline_repeats=case.option("repeats"), module_fn=stage)
+    batch = P(("dp", "fsdp"))
+    return build_shard_mapped(model, mesh, case, data, batch, batch,
+                              post=lambda y: jax.lax.psum(y, "pp"))
+
+
+ADAPTERS["pipeline_circular"] = _pipeline_circular

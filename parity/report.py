@@ -7,13 +7,14 @@ import platform
 
 __all__ = ["table", "summary", "write_json", "write_markdown"]
 
-_COLS = ("case", "out err", "grad err", "tol", "comm", "jax s", "torch s", "verdict")
+# "elem": the worst |a - b| / (atol + rtol |b|) over all elements (passes at <= 1).
+_COLS = ("case", "out err", "grad err", "tol", "elem", "comm", "jax s", "torch s", "verdict")
 
 
 def _row(r) -> tuple[str, ...]:
     return (r.case_id, f"{r.out_rel:.1e}", f"{r.grad_rel:.1e}", f"{r.tolerance:.0e}",
-            "same" if r.comm_match else "DIFF", f"{r.jax_seconds:.2f}", f"{r.torch_seconds:.2f}",
-            "ok" if r.passed else "MISMATCH")
+            f"{r.elem_ratio:.2f}", "same" if r.comm_match else "DIFF", f"{r.jax_seconds:.2f}",
+            f"{r.torch_seconds:.2f}", "ok" if r.passed else "MISMATCH")
 
 
 def table(reports) -> str:
@@ -55,6 +56,9 @@ def write_markdown(path: str, reports, seconds: float, devices: int, isolate: bo
     out = [f"# ringpar parity report", "",
            f"{summary(reports, seconds)}; {devices} devices, "
            f"{'isolated processes' if isolate else 'in-process'}, {meta['machine']}", "",
+           "Columns: normwise relative errors (output, worst gradient) against `tol`; `elem` is "
+           "the worst elementwise |torch - jax| / (atol + rtol |jax|) (passes at <= 1); `comm` "
+           "compares the exact collective signatures; seconds are per backend and case.", "",
            "| " + " | ".join(_COLS) + " |", "|" + "---|" * len(_COLS)]
     out += ["| " + " | ".join(_row(r)) + " |" for r in reports]
     bad = [r for r in reports if not r.passed]

@@ -1,9 +1,16 @@
 """The torch_xla side of the parity harness: builds each case's module and runs forward + backward.
 
-Twin of ``parity.jax_backend``. Layers run in torch's stacked view: a JAX global array ``[B, F]``
-whose features are sharded over the model axis (per device ``[B, F/n]``) is the tensor
-``[n, B, F/n]`` here, dim 0 sharded. Parameters load from the case data by name: the
+Twin of ``parity.jax_backend``; implements :class:`parity.backend.Backend`. Layers run in torch's
+stacked view: a JAX global array ``[B, F]`` whose features are sharded over the model axis (per
+device ``[B, F/n]``) is the tensor ``[n, B, F/n]`` here, dim 0 sharded. Parameters load from the case data by name: the
 ``state_dict`` keys are the JAX parameter paths joined by '.'.
+
+Per case, :meth:`Program.result` compiles the forward alone for its HLO text (the graph is then
+dropped, never executed), traces forward+backward once, compiles it for its HLO text, runs it
+(``sync``; torch_xla's own graph cache shares that compile between cases with the same
+program) and reads the results back shard by shard (``torch_impl.xla.local_shards``: a plain
+``.cpu()`` of a sharded tensor compiles a gather program per tensor). The HLO texts of an
+identical earlier program are reused (:func:`compiled_hlo_shared`).
 """
 
 from __future__ import annotations
@@ -12,14 +19,58 @@ import numpy as np
 import torch
 
 from torch_impl import mesh as tmesh
+from torch_impl import xla
 from torch_impl.configs import ParallelConfig
 
+from .backend import BackendResult
 from .cases import Case
-from .runner import BackendResult
 
-__all__ = ["run", "build", "Program", "ADAPTERS", "to_stacked", "from_stacked"]
+__all__ = ["prepare", "run", "build", "Program", "ADAPTERS", "to_stacked", "from_stacked",
+           "to_numpy", "compiled_hlo_shared"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def prepare() -> None:
+    """Turn torch_xla SPMD mode on (before any XLA tensor exists; idempotent)."""
+    tmesh.enable_spmd()
+
+
+_TEXTS: dict = {}  # (graph hash, input shardings) -> compiled HLO text
+
+
+def compiled_hlo_shared(tensors, inputs) -> str:
+    """``tmesh.compiled_hlo(tensors)``, reusing the text of an identical earlier program.
+
+    Compiling for the text is separate from torch_xla's compile-and-run (its own cache already
+    shares that between cases). The key is torch_xla's graph hash plus the shardings of the
+    graph's ``inputs`` (parameters and input tensors), so only the same program on the same
+    layout shares a text.
+    """
+    key = (xla.graph_hash(tensors), tuple(xla.sharding_text(t) for t in inputs))
+    if key not in _TEXTS:
+        _TEXTS[key] = tmesh.compiled_hlo(tensors)
+    return _TEXTS[key]
+
+
+def to_numpy(tensors) -> list[np.ndarray]:
+    """Executed XLA tensors as float32 NumPy (global view), read shard by shard.
+
+    Sharded tensors are assembled from each device's shard on the host: ``.cpu()`` would compile
+    and run a gather program per tensor (about 0.1-0.3 s each here).
+    """
+    out = []
+    for t in tensors:
+        t = t.detach()
+        if t.device.type == "xla" and xla.has_sharding(t):
+            full = np.empty(tuple(t.shape), np.float32)
+            for _, index, data in xla.local_shards(t):
+                full[index] = data.to(torch.float32).numpy()
+            out.append(full)
+        else:
+            out.append(t.to(torch.float32).cpu().numpy() if t.device.type != "xla"
+                       else t.cpu().to(torch.float32).numpy())
+    return out
 
 
 def to_stacked(x: np.ndarray, n: int) -> np.ndarray:
@@ -66,20 +117,29 @@ class Program:
     def hlo_text(self) -> str:
         """HLO text of the compiled (partitioned) forward+backward program."""
         if self._hlo_text is None:
-            y = self._forward_backward()
-            self._hlo_text = tmesh.compiled_hlo(self._tensors(y))
+            self._traced_fwd_bwd()
             tmesh.sync()
         return self._hlo_text
 
     @property
     def fwd_hlo_text(self) -> str:
-        """HLO text of the compiled (partitioned) forward program alone."""
+        """HLO text of the compiled (partitioned) forward program alone (never executed)."""
         if self._fwd_hlo_text is None:
             with torch.no_grad():
                 y = self.module(self.x)
-            self._fwd_hlo_text = tmesh.compiled_hlo([y])
-            tmesh.sync()
+            self._fwd_hlo_text = compiled_hlo_shared([y], self._inputs())
+            del y  # drop the pending forward graph: only its text is wanted
         return self._fwd_hlo_text
+
+    def _traced_fwd_bwd(self) -> list:
+        """Trace forward+backward (pending, not executed) and its HLO text (compiled once)."""
+        tensors = self._tensors(self._forward_backward())
+        if self._hlo_text is None:
+            self._hlo_text = compiled_hlo_shared(tensors, self._inputs())
+        return tensors
+
+    def _inputs(self) -> list:
+        return [self.x, self.cot] + [p for _, p in self.module.named_parameters()]
 
     def step(self):
         """Run forward+backward once and wait for the devices."""
@@ -89,13 +149,15 @@ class Program:
 
     def result(self) -> BackendResult:
         """Run once and return outputs and gradients (JAX layout) as float32 NumPy."""
-        fwd_hlo_text, hlo_text = self.fwd_hlo_text, self.hlo_text
-        y = self.step()
-        to_np = lambda t: t.detach().to(torch.float32).cpu().numpy()  # noqa: E731
-        grads = {k: to_np(p.grad) for k, p in self.module.named_parameters() if p.grad is not None}
-        grads["x"] = self.to_global(to_np(self.x.grad))
-        return BackendResult(outputs={"y": self.to_global(to_np(y))}, grads=grads, hlo_text=hlo_text,
-                             fwd_hlo_text=fwd_hlo_text)
+        fwd_hlo_text = self.fwd_hlo_text
+        tensors = self._traced_fwd_bwd()
+        tmesh.sync(wait=True)
+        names = [k for k, p in self.module.named_parameters() if p.grad is not None]
+        y, gx, *gp = to_numpy(tensors)
+        grads = dict(zip(names, gp))
+        grads["x"] = self.to_global(gx)
+        return BackendResult(outputs={"y": self.to_global(y)}, grads=grads,
+                             hlo_text=self._hlo_text, fwd_hlo_text=fwd_hlo_text)
 
 
 def _load(module: torch.nn.Module, params: dict[str, np.ndarray]) -> None:
@@ -192,12 +254,32 @@ class GPTProgram:
     """The GPT case's loss + gradients program (twin: jax_backend.GPTProgram)."""
 
     def __init__(self, model, tokens, targets):
-        from torch_impl.gpt import forward_hlo, loss_and_grads
+        from torch_impl.gpt import loss_and_grads
 
         self.model, self.tokens, self.targets = model, tokens, targets
         self._loss_and_grads = loss_and_grads
-        *_, self.hlo_text = loss_and_grads(model, tokens, targets, hlo=True)
-        self.fwd_hlo_text = forward_hlo(model, tokens)
+        self._hlo_text: str | None = None
+        self._fwd_hlo_text: str | None = None
+        self._first = None
+
+    @property
+    def hlo_text(self) -> str:
+        """HLO text of the compiled forward+backward (compiled and run once; run kept)."""
+        if self._hlo_text is None:
+            *self._first, self._hlo_text = self._loss_and_grads(
+                self.model, self.tokens, self.targets, hlo=True)
+        return self._hlo_text
+
+    @property
+    def fwd_hlo_text(self) -> str:
+        """HLO text of the compiled forward alone (never executed)."""
+        if self._fwd_hlo_text is None:
+            tokens = torch.as_tensor(self.tokens, dtype=torch.int64).to(tmesh.xla_device())
+            with torch.no_grad():
+                logits = self.model(tokens)
+            self._fwd_hlo_text = compiled_hlo_shared([logits], list(self.model.parameters()))
+            del logits  # drop the pending forward graph: only its text is wanted
+        return self._fwd_hlo_text
 
     def step(self):
         """Run forward+backward once and wait for the devices."""
@@ -206,12 +288,14 @@ class GPTProgram:
         return out
 
     def result(self) -> BackendResult:
-        """Loss, logits and parameter gradients as float32 NumPy."""
-        loss, logits, grads = self.step()
-        to_np = lambda t: t.detach().to(torch.float32).cpu().numpy()  # noqa: E731
-        return BackendResult(outputs={"loss": to_np(loss), "logits": to_np(logits)},
-                             grads={k: to_np(v) for k, v in grads.items()},
-                             hlo_text=self.hlo_text, fwd_hlo_text=self.fwd_hlo_text)
+        """Loss, logits and parameter gradients as float32 NumPy (of the compiling run)."""
+        fwd_hlo_text, hlo_text = self.fwd_hlo_text, self.hlo_text
+        loss, logits, grads = self._first
+        tmesh.sync(wait=True)
+        loss, logits, *values = to_numpy([loss, logits, *grads.values()])
+        return BackendResult(outputs={"loss": loss, "logits": logits},
+                             grads=dict(zip(grads, values)),
+                             hlo_text=hlo_text, fwd_hlo_text=fwd_hlo_text)
 
 
 def _gpt(case: Case, data: dict) -> GPTProgram:
@@ -241,3 +325,28 @@ def build(case: Case, data: dict) -> Program:
 def run(case: Case, data: dict) -> BackendResult:
     """Run ``case`` on torch_xla once: outputs, gradients and the compiled HLO text."""
     return build(case, data).result()
+
+
+# ------------------------------------------------------------------ circular pipeline (issue 17)
+def _pipeline_circular(case: Case, data: dict) -> Program:
+    import functools
+
+    from torch_impl.pipeline_circular import CircularPipelineModule
+
+    mesh = tmesh.create_mesh(ParallelConfig(pipeline_axis_size=case.axis_size))
+    dtype = _DTYPES[case.dtype]
+    model = CircularPipelineModule("pp", case.option("microbatches"),
+                                   functools.partial(PipelineStage, case.in_features), mesh=mesh,
+                                   num_pipeline_repeats=case.option("repeats"))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in data["params"].items()})
+    model.to(dtype)
+    model.stage.shard_()
+    batch = ("dp", "fsdp")
+    x = torch.tensor(data["inputs"]["x"], dtype=dtype, device=tmesh.xla_device())
+    tmesh.mark_sharding(x, mesh, (batch, None))
+    cot = torch.tensor(data["cotangent"]["y"], dtype=dtype, device=tmesh.xla_device())
+    tmesh.mark_sharding(cot, mesh, (batch, None))
+    return Program(model, x.requires_grad_(True), cot, to_global=lambda a: a)
+
+
+ADAPTERS["pipeline_circular"] = _pipeline_circular

@@ -120,3 +120,37 @@ def test_dot_flops_multiplies_loop_bodies_by_their_trip_count():
         hlo.dot_flops(_LOOP.replace(', backend_config={"known_trip_count":{"n":"3"}}', ""))
     with pytest.raises(ValueError, match="no ENTRY"):
         hlo.dot_flops(_LOOP.replace("ENTRY ", ""))
+
+
+def test_ordered_groups_keep_each_groups_device_order():
+    assert hlo.canonical_groups("{{5,4},{1,0}}", keep_order=True) == "{{1,0},{5,4}}"
+    assert hlo.canonical_groups("{{5,4},{1,0}}") == "{{0,1},{4,5}}"
+    assert hlo.canonical_groups("[4,2]<=[2,4]T(1,0)", keep_order=True) == "{{0,4},{1,5},{2,6},{3,7}}"
+    reordered = _TEXT.replace("replica_groups={{0,1,2,3}}, dimensions={1}, use_global",
+                              "replica_groups={{1,0,2,3}}, dimensions={1}, use_global")
+    ag = [op for op in hlo.collectives(reordered) if op.kind == "all-gather"][0]
+    assert ag.ordered_groups == "{{1,0,2,3}}" and ag.replica_groups == "{{0,1,2,3}}"
+
+
+def test_exact_signature_sees_group_order_and_bytes():
+    sig = hlo.signature(_TEXT, exact=True)
+    assert sig[("all-gather", (), "{{0,1,2,3}}", 64)] == 1
+    reordered = _TEXT.replace("replica_groups={{0,1,2,3}}, dimensions={1}, use_global",
+                              "replica_groups={{1,0,2,3}}, dimensions={1}, use_global")
+    assert hlo.signature(reordered) == hlo.signature(_TEXT)  # the loose form sorts it away
+    assert hlo.signature(reordered, exact=True) != sig
+    bigger = _TEXT.replace("%ag = bf16[2,16]", "%ag = bf16[2,32]")
+    assert hlo.signature(bigger) == hlo.signature(_TEXT)
+    assert hlo.signature(bigger, exact=True) != sig
+
+
+def test_exact_merged_all_reduces_compare_total_bytes_per_group_set():
+    extra = _TEXT.replace("ROOT %rs", "%ar2 = f32[4]{0} all-reduce(f32[4]{0} %y), channel_id=9, "
+                          "replica_groups=[2,4]<=[8], to_apply=%add\n  ROOT %rs")
+    merged = hlo.signature(extra, merge_all_reduces=True, exact=True)
+    assert merged[("all-reduce", (), "{{0,1,2,3},{4,5,6,7}}", 32 + 16)] == 1
+    combined = _TEXT.replace("%ar-start = (f32[8]{0}, f32[8]{0}) all-reduce-start(f32[8]{0} %y)",
+                             "%ar-start = (f32[8]{0}, f32[4]{0}) all-reduce(f32[8]{0} %y, f32[4]{0} %z)")
+    assert hlo.signature(combined, merge_all_reduces=True, exact=True) == merged
+    assert hlo.signature(extra, merge_all_reduces=True, exact=True) != hlo.signature(
+        _TEXT, merge_all_reduces=True, exact=True)
