@@ -6,10 +6,10 @@ framework-neutral) can be used without JAX installed.
 
 import importlib
 
-_SUBMODULES = ("configs", "mesh", "array_utils", "collectives",
-               "tensor_parallel", "linear", "pipeline_parallel", "pipeline_circular", "embedding",
-               "losses", "norms",
-               "gpt", "data_parallel")
+_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel", "linear",
+               "linear_ring", "linear_specs", "pipeline_parallel",
+               "pipeline_circular", "embedding", "losses", "norms", "gpt",
+               "data_parallel", "model", "optim")
 
 __all__ = list(_SUBMODULES)
 

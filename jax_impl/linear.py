@@ -61,14 +61,15 @@ A ring method leaves the output sharded on its last dim. With ``reduce_scatter_o
 matmul on a row layer (nothing to gather: both operands are already split on the contracted dim)
 or a reduce-scatter matmul on a column layer (no partial sums) raises ValueError.
 
-Module-level helpers, one per matmul method (the torch twin mirrors them one by one):
+Per-device helpers in ``linear_ring`` (twin files on both backends), one per matmul method;
+the partition-spec helpers are in ``linear_specs`` and re-exported here:
 
-    _dot(x, w, precision)                         x[..., k] @ w[k, j] (lax.dot_general)
-    _ring_split(n, bidirectional)                 (up, down) ring steps, up + down = n - 1
-    _all_gather_matmul(x, w, axis_name, bidirectional, precision)
-    _reduce_scatter_matmul(x, w, axis_name, bidirectional, precision)
-    _column_local(...), _row_local(...)           the per-device body of each direction
-    _tp_forward(x, kernel, bias, ...)             jitted shard_map of that body (global view)
+    dot(x, w, precision)                         x[..., k] @ w[k, j] (lax.dot_general)
+    ring_split(n, bidirectional)                 (up, down) ring steps, up + down = n - 1
+    all_gather_matmul(x, w, axis_name, bidirectional, precision)
+    reduce_scatter_matmul(x, w, axis_name, bidirectional, precision)
+    column_local(...), row_local(...)            the per-device body of each direction
+    tp_forward(x, kernel, bias, ...)             jitted shard_map of that body (global view)
 
 One ring step is ``collectives.ring_permute(x, axis_name, shift_up)`` (one collective-permute:
 device i sends to i+1 when shifting up, to i-1 when shifting down).
@@ -83,7 +84,6 @@ kept on the module (as in ``nnx.Linear``), so the state holds only ``kernel`` an
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing as tp
 
 import jax
@@ -92,12 +92,13 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as Ps
 
 from ringpar.matmul_methods import MatrixMultiplyMethod, resolve_method
 from ringpar.validation import positive_int
 
-from .collectives import ring_permute
+from .linear_ring import dot, param_specs, scale_and_bias, tp_forward
+from .linear_specs import (  # noqa: F401  (re-exported: the EasyDeL names live in linear)
+    get_matmul_output_sharding, get_output_partition_spec, get_sharding)
 from .mesh import check_axis
 
 __all__ = [
@@ -124,6 +125,8 @@ default_bias_init = nnx.initializers.zeros
 # MatrixMultiplyMethod and resolve_method live in the framework-neutral ringpar.matmul_methods.
 # ---------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
+
+
 class TensorParallelConfig:
     """Configuration for tensor parallelism (a frozen dataclass: hashable, static for nnx).
 
@@ -187,266 +190,6 @@ class TensorParallelConfig:
     def axis_size(self) -> int:
         """Size of ``axis_name`` in the mesh (1 for an inactive config)."""
         return int(self.mesh.shape[self.axis_name]) if self.mesh is not None else 1
-
-
-# ------------------------------------------------------------------------ partition-spec helpers
-def get_sharding(arr: tp.Any) -> Ps | None:
-    """PartitionSpec of an array placed with a ``NamedSharding``; None for anything else.
-
-    Anything else: numpy arrays, single-device arrays, tracers inside ``jit`` (their sharding is
-    decided by the compiler), and objects without a ``sharding`` attribute.
-    """
-    if isinstance(arr, jax.core.Tracer):
-        return None
-    sharding = getattr(arr, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-        return sharding.spec
-    return None
-
-
-def _spec_entries(spec: Ps, ndim: int) -> tuple:
-    """The entries of ``spec`` padded with None to ``ndim`` (a spec may omit trailing dims)."""
-    entries = tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(f"partition spec {spec} has {len(entries)} entries for a {ndim}-D array")
-    return entries + (None,) * (ndim - len(entries))
-
-
-def _axes_of(entry: tp.Any) -> tuple:
-    """Mesh axes named by one spec entry (None, a name, or a tuple of names)."""
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def get_matmul_output_sharding(lhs_pspec: Ps | None, rhs_pspec: Ps | None) -> Ps:
-    """PartitionSpec of ``X @ W`` from the specs of X [..., k] and W [k, j].
-
-    Both specs must have one entry per dimension. The result has the non-contracting dims of X
-    followed by the last dim of W; each mesh axis may appear once, so an axis already used by an
-    earlier output dim is dropped from a later one (the entry becomes None, or the tuple loses it).
-    The spec describes the layout only: if the contracting dims are sharded on the same axis the
-    per-device products are partial sums that still need a reduction. Returns ``P()`` if either
-    spec is None.
-    """
-    if lhs_pspec is None or rhs_pspec is None:
-        return Ps()
-    lhs, rhs = tuple(lhs_pspec), tuple(rhs_pspec)
-    candidates = list(lhs[:-1]) + ([rhs[-1]] if rhs else [])
-    used: set = set()
-    out: list = []
-    for entry in candidates:
-        axes = _axes_of(entry)
-        kept = tuple(a for a in axes if a not in used)
-        used.update(axes)
-        if not kept:
-            out.append(None)
-        elif isinstance(entry, (tuple, list)):
-            out.append(kept)
-        else:
-            out.append(kept[0])
-    out += [None] * (len(lhs) - len(out))
-    return Ps(*out)
-
-
-def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMethod | str | None,
-                              axis_name: str) -> Ps | None:
-    """PartitionSpec of the result of the tensor-parallel matmul ``lhs @ rhs`` under ``method``.
-
-    None if either array has no ``NamedSharding`` (see :func:`get_sharding`). For a ring method
-    (ALL_GATHER*, REDUCE_SCATTER*) the result is sharded on its last dim over ``axis_name`` and its
-    leading dims keep the lhs spec without ``axis_name``; for PLAIN (or None) it is
-    :func:`get_matmul_output_sharding` of the two specs. Raises ValueError for an unknown method.
-    """
-    method = resolve_method(method)
-    lhs_spec, rhs_spec = get_sharding(lhs), get_sharding(rhs)
-    if lhs_spec is None or rhs_spec is None:
-        return None
-    lhs_entries = _spec_entries(lhs_spec, lhs.ndim)
-    rhs_entries = _spec_entries(rhs_spec, rhs.ndim)
-    if method is None or method is MatrixMultiplyMethod.PLAIN:
-        return get_matmul_output_sharding(Ps(*lhs_entries), Ps(*rhs_entries))
-    lead = []
-    for entry in lhs_entries[:-1]:
-        kept = tuple(a for a in _axes_of(entry) if a != axis_name)
-        lead.append(None if not kept else (kept if isinstance(entry, (tuple, list)) else kept[0]))
-    return Ps(*lead, axis_name)
-
-
-# ---------------------------------------------------------------------- per-device matmul helpers
-def _dot(x: Array, w: Array, precision: PrecisionLike = None) -> Array:
-    """x[..., k] @ w[k, j] -> [..., j] (the contraction nnx.Linear uses)."""
-    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-
-
-def _ring_split(n: int, bidirectional: bool) -> tuple[int, int]:
-    """Ring steps (up, down) that cover the n-1 other devices: up + down = n - 1."""
-    if not bidirectional:
-        return n - 1, 0
-    return n // 2, (n - 1) // 2
-
-
-def _block(w: Array, k: Array, size: int, axis: int) -> Array:
-    """Block ``k`` (a traced index) of ``size`` rows (axis 0) or columns (axis 1) of ``w``."""
-    return lax.dynamic_slice_in_dim(w, k * size, size, axis=axis)
-
-
-def _all_gather_matmul(x: Array, w: Array, axis_name: str, bidirectional: bool = False,
-                       precision: PrecisionLike = None) -> Array:
-    """Per device: x holds in-feature block i of the input [..., in/n], w is [in, j].
-
-    Returns the full contraction ``all_gather(x, features) @ w`` [..., j] without an all-gather:
-    the input blocks travel round the ring (n-1 ppermutes in all, ``up`` of them i -> i+1 and
-    ``down`` of them i -> i-1), and each block is multiplied by the matching row block of w while
-    the next one is in flight. After s up-shifts a device holds block i-s, after s down-shifts
-    block i+s.
-    """
-    n = lax.axis_size(axis_name)
-    idx = lax.axis_index(axis_name)
-    c = x.shape[-1]
-    up, down = _ring_split(n, bidirectional)
-    fwd, bwd = x, x
-    acc = _dot(x, _block(w, idx, c, 0), precision)
-    for s in range(1, max(up, down) + 1):
-        # issue this step's permutes before its matmuls, so each matmul overlaps the transfer
-        if s <= up:
-            fwd = ring_permute(fwd, axis_name, shift_up=True)
-        if s <= down:
-            bwd = ring_permute(bwd, axis_name, shift_up=False)
-        if s <= up:
-            acc = acc + _dot(fwd, _block(w, (idx - s) % n, c, 0), precision)
-        if s <= down:
-            acc = acc + _dot(bwd, _block(w, (idx + s) % n, c, 0), precision)
-    return acc
-
-
-def _reduce_scatter_matmul(x: Array, w: Array, axis_name: str, bidirectional: bool = False,
-                           precision: PrecisionLike = None) -> Array:
-    """Per device: x [..., k_i] and w [k_i, out] give a partial product of the full x @ W.
-
-    Returns out-feature block i [..., out/n] of the sum over devices of ``x @ w`` (what
-    ``psum_scatter(x @ w, -1, tiled=True)`` returns) without a reduce-scatter: the accumulator of
-    block b starts ``up`` devices below b and moves up the ring (``up`` ppermutes i -> i+1), a
-    second one starts ``down`` devices above b and moves down (``down`` ppermutes i -> i-1); every
-    device it passes adds its partial product of block b, computed while the accumulator is in
-    flight, and device b adds its own at the end. n-1 permutes in all.
-    """
-    n = lax.axis_size(axis_name)
-    idx = lax.axis_index(axis_name)
-    out = w.shape[-1]
-    if out % n:
-        raise ValueError(f"out_features={out}: expected a multiple of the {axis_name!r} axis "
-                         f"size {n}")
-    c = out // n
-    up, down = _ring_split(n, bidirectional)
-    fwd = _dot(x, _block(w, (idx + up) % n, c, 1), precision) if up else None
-    bwd = _dot(x, _block(w, (idx - down) % n, c, 1), precision) if down else None
-    for s in range(1, max(up, down) + 1):
-        if s <= up:
-            fwd = ring_permute(fwd, axis_name, shift_up=True)
-            if s < up:
-                fwd = fwd + _dot(x, _block(w, (idx + up - s) % n, c, 1), precision)
-        if s <= down:
-            bwd = ring_permute(bwd, axis_name, shift_up=False)
-            if s < down:
-                bwd = bwd + _dot(x, _block(w, (idx - down + s) % n, c, 1), precision)
-    acc = _dot(x, _block(w, idx, c, 1), precision)
-    if fwd is not None:
-        acc = acc + fwd
-    if bwd is not None:
-        acc = acc + bwd
-    return acc
-
-
-def _scale_and_bias(y: Array, b: Array | None, scale: float) -> Array:
-    """``y * scale + b`` (scale skipped when 1.0, as in the seed's scale operator)."""
-    if scale != 1.0:
-        y = y * scale
-    if b is not None:
-        y = y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))
-    return y
-
-
-def _column_local(x: Array, w: Array, b: Array | None, *, axis_name: str,
-                  method: MatrixMultiplyMethod, reduce_scatter_output: bool, scale: float,
-                  precision: PrecisionLike) -> Array:
-    """Column direction, per device: w is out block i [in, out/n], b is bias block i.
-
-    PLAIN: x is the replicated input [..., in]; ALL_GATHER*: x is in-feature block i [..., in/n].
-    Returns out block i [..., out/n] if ``reduce_scatter_output``, else the gathered [..., out].
-    """
-    if method is MatrixMultiplyMethod.PLAIN:
-        y = _dot(x, w, precision)
-    else:
-        y = _all_gather_matmul(x, w, axis_name, method.bidirectional, precision)
-    y = _scale_and_bias(y, b, scale)
-    if not reduce_scatter_output:
-        y = lax.all_gather(y, axis_name, axis=y.ndim - 1, tiled=True, to="invarying")
-    return y
-
-
-def _row_local(x: Array, w: Array, b: Array | None, *, axis_name: str,
-               method: MatrixMultiplyMethod, reduce_scatter_output: bool, scale: float,
-               precision: PrecisionLike) -> Array:
-    """Row direction, per device: x is in-feature block i [..., in/n], w is in block i [in/n, out].
-
-    b is bias block i if ``reduce_scatter_output`` (and the result is out block i [..., out/n]),
-    else the full bias (and the result is the replicated [..., out]).
-    """
-    if method is MatrixMultiplyMethod.PLAIN:
-        partial = _dot(x, w, precision)
-        if reduce_scatter_output:
-            y = lax.psum_scatter(partial, axis_name, scatter_dimension=partial.ndim - 1, tiled=True)
-        else:
-            y = lax.psum(partial, axis_name)
-        return _scale_and_bias(y, b, scale)
-    y = _reduce_scatter_matmul(x, w, axis_name, method.bidirectional, precision)
-    if reduce_scatter_output:
-        return _scale_and_bias(y, b, scale)
-    y = lax.all_gather(y, axis_name, axis=y.ndim - 1, tiled=True, to="invarying")
-    return _scale_and_bias(y, b, scale)
-
-
-_LOCAL_FORWARD = {"column": _column_local, "row": _row_local}
-
-
-def _param_specs(direction: str, axis_name: str, reduce_scatter_output: bool) -> tuple[Ps, Ps]:
-    """(kernel spec, bias spec) of a layer (see the table in the module docstring)."""
-    if direction == "column":
-        return Ps(None, axis_name), Ps(axis_name)
-    return Ps(axis_name, None), (Ps(axis_name) if reduce_scatter_output else Ps())
-
-
-def _io_specs(direction: str, method: MatrixMultiplyMethod, axis_name: str,
-              reduce_scatter_output: bool, ndim: int) -> tuple[Ps, Ps]:
-    """(input spec, output spec) of the shard_map for an input of rank ``ndim``."""
-    lead = (None,) * (ndim - 1)
-    input_sharded = direction == "row" or method is not MatrixMultiplyMethod.PLAIN
-    in_spec = Ps(*lead, axis_name if input_sharded else None)
-    out_spec = Ps(*lead, axis_name if reduce_scatter_output else None)
-    return in_spec, out_spec
-
-
-@functools.partial(jax.jit, static_argnames=("direction", "method", "mesh", "axis_name",
-                                             "reduce_scatter_output", "scale", "precision"))
-def _tp_forward(x: Array, kernel: Array, bias: Array | None, *, direction: str,
-                method: MatrixMultiplyMethod, mesh: Mesh, axis_name: str,
-                reduce_scatter_output: bool, scale: float, precision: PrecisionLike) -> Array:
-    """Global-view forward: ``jax.shard_map`` of the direction's per-device body over ``mesh``.
-
-    Jitted with the layout as static arguments, so an eager call compiles once per shape and
-    configuration instead of running the shard_map op by op; under an outer ``jit`` it inlines.
-    """
-    kspec, bspec = _param_specs(direction, axis_name, reduce_scatter_output)
-    in_spec, out_spec = _io_specs(direction, method, axis_name, reduce_scatter_output, x.ndim)
-    local = functools.partial(_LOCAL_FORWARD[direction], axis_name=axis_name, method=method,
-                              reduce_scatter_output=reduce_scatter_output, scale=scale,
-                              precision=precision)
-    if bias is None:
-        return jax.shard_map(lambda x_, w_: local(x_, w_, None), mesh=mesh,
-                             in_specs=(in_spec, kspec), out_specs=out_spec)(x, kernel)
-    return jax.shard_map(local, mesh=mesh, in_specs=(in_spec, kspec, bspec),
-                         out_specs=out_spec)(x, kernel, bias)
 
 
 # ----------------------------------------------------------------------------------------- layers
@@ -535,7 +278,7 @@ class ParallelLinear(nnx.Module):
         self.use_bias = use_bias
         self.dtype = dtype
         self.param_dtype = param_dtype
-        # a static jit argument of _tp_forward: must be hashable
+        # a static jit argument of tp_forward: must be hashable
         self.precision = tuple(precision) if isinstance(precision, list) else precision
         self.kernel_init = kernel_init
         self.bias_init = bias_init
@@ -549,7 +292,7 @@ class ParallelLinear(nnx.Module):
         bias = bias_init(rngs.params(), (out_total,), param_dtype) if use_bias else None
         if self.is_parallel:
             cfg = parallel_config
-            kspec, bspec = _param_specs(self.direction, cfg.axis_name, cfg.reduce_scatter_output)
+            kspec, bspec = param_specs(self.direction, cfg.axis_name, cfg.reduce_scatter_output)
             self.kernel = nnx.Param(jax.device_put(kernel, NamedSharding(cfg.mesh, kspec)),
                                     out_sharding=tuple(kspec), mesh=cfg.mesh)
             self.bias = (nnx.Param(jax.device_put(bias, NamedSharding(cfg.mesh, bspec)),
@@ -593,7 +336,7 @@ class ParallelLinear(nnx.Module):
     def native_forward(self, inputs: Array, w: Array | None = None) -> Array:
         """Unsharded forward: ``(inputs @ kernel) * scale + bias`` (``nnx.Linear`` when scale=1)."""
         x, kernel, bias = self._params(inputs, w)
-        return _scale_and_bias(_dot(x, kernel, self.precision), bias, self.scale_value)
+        return scale_and_bias(dot(x, kernel, self.precision), bias, self.scale_value)
 
     def collective_forward(self, inputs: Array, w: Array | None = None) -> Array:
         """Tensor-parallel forward inside ``jax.shard_map`` over the config's mesh.
@@ -604,7 +347,7 @@ class ParallelLinear(nnx.Module):
         """
         cfg = self.parallel_config
         x, kernel, bias = self._params(inputs, w)
-        return _tp_forward(x, kernel, bias, direction=self.direction, method=cfg.method,
+        return tp_forward(x, kernel, bias, direction=self.direction, method=cfg.method,
                            mesh=cfg.mesh, axis_name=cfg.axis_name,
                            reduce_scatter_output=cfg.reduce_scatter_output,
                            scale=self.scale_value, precision=self.precision)

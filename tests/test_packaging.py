@@ -119,8 +119,8 @@ def test_wheel_layout_and_extras(tmp_path):
         names = zf.namelist()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
-    assert top == {"jax_impl", "torch_impl", "parity"}
-    for module in ("jax_impl/configs.py", "jax_impl/mesh.py", "torch_impl/mesh.py",
+    assert top == {"ringpar", "jax_impl", "torch_impl", "parity"}
+    for module in ("ringpar/configs.py", "ringpar/convert.py", "jax_impl/configs.py", "jax_impl/mesh.py", "torch_impl/mesh.py",
                    "parity/hlo.py", "parity/__main__.py"):
         assert module in names
     assert not any(n.startswith("tests/") for n in names)

@@ -6,10 +6,11 @@ framework-neutral) can be used without torch installed.
 
 import importlib
 
-_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel",
-               "linear", "pipeline_parallel", "pipeline_circular", "embedding", "losses", "norms",
-               "gpt", "parallelize", "data_parallel",
-               "parallelize_layers", "styles", "plans")
+_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel", "linear",
+               "linear_ring", "linear_specs", "pipeline_parallel",
+               "pipeline_circular", "embedding", "losses", "norms", "gpt",
+               "parallelize", "data_parallel", "parallelize_layers", "styles",
+               "plans", "model", "optim", "cached_step", "scan_random", "xla")
 
 __all__ = list(_SUBMODULES)
 

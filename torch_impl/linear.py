@@ -27,7 +27,7 @@ live on the XLA device, annotated with a sharding over the config's mesh:
     row           (tp, None)     (tp,) if reduce_scatter_output else (None,)
     ============  =============  ==============================================
 
-Inside, each layer works in the STACKED VIEW of the JAX per-device values (see docs/design.md): a JAX
+Inside, each layer works in the STACKED VIEW of the JAX per-device values (docs/design.md): a JAX
 ``shard_map`` value of per-device shape ``S`` is a tensor ``[n, *S]`` whose dim 0 is sharded over
 the tp axis (row i = device i's value). A global ``[..., F]`` sharded on its last dim is reshaped to
 ``[n, ..., F/n]`` (no data moves); the column kernel ``[in, out]`` is the stacked ``[n, in,
@@ -43,7 +43,8 @@ line-by-line twins of the JAX ones, and each communication step is the op JAX em
     ``psum_scatter`` (tiled)   ``collectives.reduce_scatter_features`` (reduce-scatter)
     ``all_gather`` (tiled)     ``mark_sharding`` of the global output as replicated (all-gather)
     ``dynamic_slice`` of       a one-hot mask over the unsharded block dim and a sum (local,
-    block ``axis_index``-k     no communication; not ``torch.gather``: see ``_block``)
+    block ``axis_index``-k     no communication; not ``torch.gather``: see
+                               ``linear_ring.pick_block``)
     =========================  ===================================================================
 
 The matrix-multiply methods, the direction each applies to and what each communicates are those
@@ -55,16 +56,17 @@ sharded on its last dim; with ``reduce_scatter_output=False`` one all-gather of 
 The compiled programs have the same collectives (kind, source_target_pairs, replica groups) as the
 JAX twin's, forward and forward+backward (``tests/parity/test_linear_twins.py``).
 
-Module-level helpers, one per JAX helper, in the same order (all in the stacked view; those that
-communicate or re-annotate take ``mesh`` and ``axis_name`` as keyword arguments):
+Per-device helpers in ``linear_ring``, one per JAX helper, in the same order (all in the stacked
+view; those that communicate or re-annotate take ``mesh`` and ``axis_name`` as keyword
+arguments); the partition-spec helpers are in ``linear_specs`` and re-exported here:
 
-    _dot(x, w, precision)                         x[n, ..., k] @ w[n, k, j] per device
-    _ring_split(n, bidirectional)                 (up, down) ring steps, up + down = n - 1
-    _block(w, k, size, axis)                      per device i, block k[i] of w[i] along axis
-    _all_gather_matmul(x, w, axis_name, bidirectional, precision)
-    _reduce_scatter_matmul(x, w, axis_name, bidirectional, precision)
-    _column_local(...), _row_local(...)           the per-device body of each direction
-    _tp_forward(x, kernel, bias, ...)             global tensors -> stacked body -> global output
+    dot(x, w, precision)                         x[n, ..., k] @ w[n, k, j] per device
+    ring_split(n, bidirectional)                 (up, down) ring steps, up + down = n - 1
+    pick_block(w, k, size, axis)                 per device i, block k[i] of w[i] along axis
+    all_gather_matmul(x, w, axis_name, bidirectional, precision)
+    reduce_scatter_matmul(x, w, axis_name, bidirectional, precision)
+    column_local(...), row_local(...)            the per-device body of each direction
+    tp_forward(x, kernel, bias, ...)             global tensors -> stacked body -> global output
 
 Deviations from the JAX module, on purpose:
 
@@ -88,11 +90,8 @@ Deviations from the JAX module, on purpose:
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 import typing as tp
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,7 +102,9 @@ from ringpar.validation import positive_int
 from . import mesh as _mesh
 from . import xla
 from .array_utils import draw_seed
-from .collectives import axis_index, reduce_scatter_features, ring_permute
+from .linear_ring import param_specs, scale_and_bias, tp_forward
+from .linear_specs import (  # noqa: F401  (re-exported: the EasyDeL names live in linear)
+    get_matmul_output_sharding, get_output_partition_spec, get_sharding)
 from .tensor_parallel import lecun_normal
 
 __all__ = [
@@ -134,6 +135,8 @@ default_bias_init = _zeros
 # MatrixMultiplyMethod and resolve_method live in the framework-neutral ringpar.matmul_methods.
 # ---------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
+
+
 class TensorParallelConfig:
     """Configuration for tensor parallelism (a frozen dataclass).
 
@@ -201,393 +204,6 @@ class TensorParallelConfig:
     def axis_size(self) -> int:
         """Size of ``axis_name`` in the mesh (1 for an inactive config)."""
         return _mesh.check_axis(self.mesh, self.axis_name) if self.mesh is not None else 1
-
-
-# ------------------------------------------------------------------------ partition-spec helpers
-def _tile_layout(mesh, spec: tp.Sequence) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
-    """(tile dims, device order, replicated last tile dim) of ``spec`` over ``mesh``, as torch_xla
-    prints them (``{devices=[dims]ids last_tile_dim_replicate}``); all-1 dims for replicated."""
-    names = tuple(mesh.axis_names)
-    sizes = dict(zip(names, (int(s) for s in mesh.mesh_shape)))
-    used = [a for entry in spec for a in _axes_of(entry)]
-    rest = [a for a in names if a not in used]
-    ids = np.asarray(mesh.device_ids).reshape(tuple(int(s) for s in mesh.mesh_shape))
-    ids = ids.transpose([names.index(a) for a in used + rest])
-    dims = tuple(math.prod(sizes[a] for a in _axes_of(entry)) for entry in spec)
-    replicated = math.prod(sizes[a] for a in rest)
-    if math.prod(dims) == 1:
-        return dims, (), False
-    return dims + ((replicated,) if replicated > 1 else ()), tuple(ids.reshape(-1).tolist()), \
-        replicated > 1
-
-
-def _parse_sharding(text: str, rank: int):
-    """torch_xla's sharding string -> (tile dims, device order, replicated last dim) or None."""
-    text = text.strip()
-    if text in ("{replicated}",):
-        return (1,) * rank, (), False
-    import re
-
-    m = re.fullmatch(r"\{devices=\[([\d,]+)\]([\d,]+)( last_tile_dim_replicate)?\}", text)
-    if not m:
-        return None
-    dims = tuple(int(d) for d in m.group(1).split(","))
-    ids = tuple(int(d) for d in m.group(2).split(","))
-    replicated = bool(m.group(3))
-    if math.prod(dims[:rank]) == 1 and len(dims) == rank + replicated:
-        return (1,) * rank, (), False
-    return dims, ids, replicated
-
-
-def _candidate_specs(mesh, rank: int):
-    """Every partition spec of a rank-``rank`` tensor over the mesh axes of size > 1."""
-    axes = [a for a, s in zip(mesh.axis_names, mesh.mesh_shape) if int(s) > 1]
-    seen = set()
-    for k in range(len(axes) + 1):
-        for chosen in itertools.permutations(axes, k):
-            for dims in itertools.product(range(rank), repeat=k):
-                entries = [[] for _ in range(rank)]
-                for a, d in zip(chosen, dims):
-                    entries[d].append(a)
-                spec = tuple(None if not e else (e[0] if len(e) == 1 else tuple(e))
-                             for e in entries)
-                if spec not in seen:
-                    seen.add(spec)
-                    yield spec
-
-
-def get_sharding(arr: tp.Any, *, mesh=None) -> Spec | None:
-    """Partition spec (a tuple, one entry per dim) of a tensor annotated with ``mark_sharding``.
-
-    The annotation is read back as a spec over ``mesh`` (default: torch_xla's global mesh),
-    naming mesh axes of size > 1 only. None for anything else: CPU tensors, XLA tensors without a
-    sharding annotation (e.g. intermediate results: the partitioner decides their sharding),
-    objects that are not tensors, no mesh, or a sharding that is not a layout over that mesh.
-    """
-    if not isinstance(arr, torch.Tensor) or arr.device.type != "xla":
-        return None
-    if mesh is None:
-        mesh = xla.get_global_mesh()
-        if mesh is None:
-            return None
-    text = xla.sharding_text(arr)
-    if not text:
-        return None
-    parsed = _parse_sharding(text, arr.dim())
-    if parsed is None:
-        return None
-    for spec in _candidate_specs(mesh, arr.dim()):
-        if _tile_layout(mesh, spec) == parsed:
-            return spec
-    return None
-
-
-def _spec_entries(spec: tp.Sequence, ndim: int) -> tuple:
-    """The entries of ``spec`` padded with None to ``ndim`` (a spec may omit trailing dims)."""
-    entries = tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(f"partition spec {spec} has {len(entries)} entries for a {ndim}-D array")
-    return entries + (None,) * (ndim - len(entries))
-
-
-def _axes_of(entry: tp.Any) -> tuple:
-    """Mesh axes named by one spec entry (None, a name, or a tuple of names)."""
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
-def get_matmul_output_sharding(lhs_pspec: Spec | None, rhs_pspec: Spec | None) -> Spec:
-    """Partition spec of ``X @ W`` from the specs of X [..., k] and W [k, j].
-
-    Both specs must have one entry per dimension. The result has the non-contracting dims of X
-    followed by the last dim of W; each mesh axis may appear once, so an axis already used by an
-    earlier output dim is dropped from a later one (the entry becomes None, or the tuple loses it).
-    The spec describes the layout only: if the contracting dims are sharded on the same axis the
-    per-device products are partial sums that still need a reduction. Returns ``()`` if either
-    spec is None.
-    """
-    if lhs_pspec is None or rhs_pspec is None:
-        return ()
-    lhs, rhs = tuple(lhs_pspec), tuple(rhs_pspec)
-    candidates = list(lhs[:-1]) + ([rhs[-1]] if rhs else [])
-    used: set = set()
-    out: list = []
-    for entry in candidates:
-        axes = _axes_of(entry)
-        kept = tuple(a for a in axes if a not in used)
-        used.update(axes)
-        if not kept:
-            out.append(None)
-        elif isinstance(entry, (tuple, list)):
-            out.append(kept)
-        else:
-            out.append(kept[0])
-    out += [None] * (len(lhs) - len(out))
-    return tuple(out)
-
-
-def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMethod | str | None,
-                              axis_name: str, *, mesh=None) -> Spec | None:
-    """Partition spec of the result of the tensor-parallel matmul ``lhs @ rhs`` under ``method``.
-
-    None if either tensor has no sharding annotation over ``mesh`` (see :func:`get_sharding`).
-    For a ring method (ALL_GATHER*, REDUCE_SCATTER*) the result is sharded on its last dim over
-    ``axis_name`` and its leading dims keep the lhs spec without ``axis_name``; for PLAIN (or None)
-    it is :func:`get_matmul_output_sharding` of the two specs. Raises ValueError for an unknown
-    method.
-    """
-    method = resolve_method(method)
-    lhs_spec, rhs_spec = get_sharding(lhs, mesh=mesh), get_sharding(rhs, mesh=mesh)
-    if lhs_spec is None or rhs_spec is None:
-        return None
-    lhs_entries = _spec_entries(lhs_spec, lhs.dim())
-    rhs_entries = _spec_entries(rhs_spec, rhs.dim())
-    if method is None or method is MatrixMultiplyMethod.PLAIN:
-        return get_matmul_output_sharding(lhs_entries, rhs_entries)
-    lead = []
-    for entry in lhs_entries[:-1]:
-        kept = tuple(a for a in _axes_of(entry) if a != axis_name)
-        lead.append(None if not kept else (kept if isinstance(entry, (tuple, list)) else kept[0]))
-    return (*lead, axis_name)
-
-
-# ---------------------------------------------------------------------- per-device matmul helpers
-# All of these work in the stacked view: x [n, ..., k] is device i's x in row i.
-def _dot(x: torch.Tensor, w: torch.Tensor, precision: tp.Any = None) -> torch.Tensor:
-    """Per device i: x[i] [..., k] @ w[i] [k, j] -> [n, ..., j] (``precision``: see module doc).
-
-    An einsum, not ``bmm``: torch_xla lowers it and its backward to dots with the contracting
-    dims named, as JAX emits them; ``bmm``'s backward transposed x and w explicitly, and XLA:CPU
-    compiled each small transpose into an unrolled kernel (325 KB of LLVM IR at 64 -> 256, tp=4;
-    the largest kernel is 18 KB with the einsum; issue 14).
-    """
-    n, k = x.shape[0], x.shape[-1]
-    y = torch.einsum("nbk,nkj->nbj", x.reshape(n, -1, k), w)
-    return y.reshape(*x.shape[:-1], w.shape[-1])
-
-
-def _ring_split(n: int, bidirectional: bool) -> tuple[int, int]:
-    """Ring steps (up, down) that cover the n-1 other devices: up + down = n - 1."""
-    if not bidirectional:
-        return n - 1, 0
-    return n // 2, (n - 1) // 2
-
-
-def _block(w: torch.Tensor, k: torch.Tensor, size: int, axis: int, *, mesh,
-           axis_name: str) -> torch.Tensor:
-    """Per device i: block ``k[i]`` of ``size`` rows (axis 0) or columns (axis 1) of ``w[i]``.
-
-    ``w`` is stacked ``[n, R, C]``, ``k`` an integer tensor ``[n]`` (a function of
-    :func:`collectives.axis_index`). The block is picked by a one-hot mask over the unsharded
-    block dim and a sum (JAX: ``dynamic_slice`` at ``k * size``): elementwise work on each
-    device, no communication, and a backward that is the same mask. Not ``torch.gather``: its
-    per-element index tensor and the scatter-add of its backward made XLA:CPU's LLVM unroll
-    1024-element index loops, a 50-120 s compile at 64 -> 256, tp=4 (issue 14).
-    """
-    n, rows, cols = w.shape
-    nb = (rows if axis == 0 else cols) // size
-    picks = torch.arange(nb, device=k.device, dtype=k.dtype)
-    mask = picks.unsqueeze(0) == k.unsqueeze(1)  # [n, nb], one True per row
-    # where, not a product: an inf in an unpicked block must not turn the picked one into NaN
-    if axis == 0:
-        out = torch.where(mask.view(n, nb, 1, 1), w.reshape(n, nb, size, cols), 0.0).sum(1)
-    else:
-        out = torch.where(mask.view(n, 1, nb, 1), w.reshape(n, rows, nb, size), 0.0).sum(2)
-    return _mesh.mark_stacked(out, mesh, axis_name)
-
-
-def _all_gather_matmul(x: torch.Tensor, w: torch.Tensor, axis_name: str,
-                       bidirectional: bool = False, precision: tp.Any = None, *,
-                       mesh) -> torch.Tensor:
-    """Stacked x [n, ..., in/n] (row i = in-feature block i of the input), w [n, in, j].
-
-    Returns ``[n, ..., j]`` with row i = ``all_gather(x, features) @ w[i]``, without an all-gather:
-    the input blocks travel round the ring (n-1 collective-permutes in all, ``up`` of them i ->
-    i+1 and ``down`` of them i -> i-1), and each block is multiplied by the matching row block of
-    w while the next one is in flight. After s up-shifts device i holds block i-s, after s
-    down-shifts block i+s.
-    """
-    n = x.shape[0]
-    idx = axis_index(axis_name, mesh=mesh)
-    c = x.shape[-1]
-    blk = dict(mesh=mesh, axis_name=axis_name)
-    up, down = _ring_split(n, bidirectional)
-    fwd, bwd = x, x
-    acc = _dot(x, _block(w, idx, c, 0, **blk), precision)
-    for s in range(1, max(up, down) + 1):
-        # issue this step's permutes before its matmuls, so each matmul overlaps the transfer
-        if s <= up:
-            fwd = ring_permute(fwd, axis_name, shift_up=True, mesh=mesh)
-        if s <= down:
-            bwd = ring_permute(bwd, axis_name, shift_up=False, mesh=mesh)
-        if s <= up:
-            acc = acc + _dot(fwd, _block(w, (idx - s) % n, c, 0, **blk), precision)
-        if s <= down:
-            acc = acc + _dot(bwd, _block(w, (idx + s) % n, c, 0, **blk), precision)
-    return _mesh.mark_stacked(acc, mesh, axis_name)
-
-
-def _reduce_scatter_matmul(x: torch.Tensor, w: torch.Tensor, axis_name: str,
-                           bidirectional: bool = False, precision: tp.Any = None, *,
-                           mesh) -> torch.Tensor:
-    """Stacked x [n, ..., k] and w [n, k, out]: row i gives a partial product of the full x @ W.
-
-    Returns ``[n, ..., out/n]`` whose row i is out-feature block i of the sum over devices of
-    ``x[d] @ w[d]`` (what ``reduce_scatter_features`` of the partial products returns) without a
-    reduce-scatter: the accumulator of block b starts ``up`` devices below b and moves up the ring
-    (``up`` permutes i -> i+1), a second one starts ``down`` devices above b and moves down
-    (``down`` permutes i -> i-1); every device it passes adds its partial product of block b,
-    computed while the accumulator is in flight, and device b adds its own at the end.
-    """
-    n = x.shape[0]
-    idx = axis_index(axis_name, mesh=mesh)
-    out = w.shape[-1]
-    if out % n:
-        raise ValueError(f"out_features={out}: expected a multiple of the {axis_name!r} axis "
-                         f"size {n}")
-    c = out // n
-    blk = dict(mesh=mesh, axis_name=axis_name)
-    up, down = _ring_split(n, bidirectional)
-    fwd = _dot(x, _block(w, (idx + up) % n, c, 1, **blk), precision) if up else None
-    bwd = _dot(x, _block(w, (idx - down) % n, c, 1, **blk), precision) if down else None
-    for s in range(1, max(up, down) + 1):
-        if s <= up:
-            fwd = ring_permute(fwd, axis_name, shift_up=True, mesh=mesh)
-            if s < up:
-                fwd = fwd + _dot(x, _block(w, (idx + up - s) % n, c, 1, **blk), precision)
-        if s <= down:
-            bwd = ring_permute(bwd, axis_name, shift_up=False, mesh=mesh)
-            if s < down:
-                bwd = bwd + _dot(x, _block(w, (idx - down + s) % n, c, 1, **blk), precision)
-    acc = _dot(x, _block(w, idx, c, 1, **blk), precision)
-    if fwd is not None:
-        acc = acc + fwd
-    if bwd is not None:
-        acc = acc + bwd
-    return _mesh.mark_stacked(acc, mesh, axis_name)
-
-
-def _scale_and_bias(y: torch.Tensor, b: torch.Tensor | None, scale: float,
-                    stacked: bool = False) -> torch.Tensor:
-    """``y * scale + b`` (scale skipped when 1.0). ``stacked``: y [n, ..., o] and b [n, o]."""
-    if scale != 1.0:
-        y = y * scale
-    if b is not None:
-        if stacked:
-            y = y + b.reshape((b.shape[0],) + (1,) * (y.dim() - 2) + (b.shape[-1],))
-        else:
-            y = y + b.reshape((1,) * (y.dim() - 1) + (-1,))
-    return y
-
-
-def _to_stacked(x: torch.Tensor, n: int, *, mesh, axis_name: str) -> torch.Tensor:
-    """Global [..., F] (sharded on F over the axis) -> stacked [n, ..., F/n] (no data moves)."""
-    y = x.reshape(*x.shape[:-1], n, x.shape[-1] // n).movedim(-2, 0)
-    return _mesh.mark_stacked(y, mesh, axis_name)
-
-
-def _from_stacked(y: torch.Tensor, *, mesh, axis_name: str, replicated: bool) -> torch.Tensor:
-    """Stacked [n, ..., o] (row i = out block i) -> global [..., n*o] sharded on its last dim
-    over the axis, or replicated (one all-gather: the JAX ``all_gather(tiled=True)``)."""
-    n = y.shape[0]
-    out = y.movedim(0, -2).reshape(*y.shape[1:-1], n * y.shape[-1])
-    _mesh.mark_sharding(out, mesh, (None,) * (out.dim() - 1) + (axis_name,))
-    if replicated:
-        out = _mesh.mark_sharding(out.clone(), mesh, (None,) * out.dim())
-    return out
-
-
-def _column_local(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, axis_name: str,
-                  method: MatrixMultiplyMethod, reduce_scatter_output: bool, scale: float,
-                  precision: tp.Any, mesh) -> torch.Tensor:
-    """Column direction: w stacked [n, in, out/n] (row i = out block i), b stacked [n, out/n].
-
-    PLAIN: x is the replicated input broadcast to [n, ..., in]; ALL_GATHER*: x is stacked
-    [n, ..., in/n] (row i = in-feature block i). Returns the GLOBAL [..., out], sharded on its last
-    dim if ``reduce_scatter_output``, else replicated (one all-gather).
-    """
-    if method is MatrixMultiplyMethod.PLAIN:
-        y = _dot(x, w, precision)
-    else:
-        y = _all_gather_matmul(x, w, axis_name, method.bidirectional, precision, mesh=mesh)
-    y = _scale_and_bias(y, b, scale, stacked=True)
-    return _from_stacked(y, mesh=mesh, axis_name=axis_name, replicated=not reduce_scatter_output)
-
-
-def _row_local(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *, axis_name: str,
-               method: MatrixMultiplyMethod, reduce_scatter_output: bool, scale: float,
-               precision: tp.Any, mesh) -> torch.Tensor:
-    """Row direction: x stacked [n, ..., in/n], w stacked [n, in/n, out] (row i = in block i).
-
-    b is the stacked bias [n, out/n] if ``reduce_scatter_output`` (and the result is the global
-    [..., out] sharded on its last dim), else the full bias [out] (and the result is the
-    replicated global [..., out]).
-    """
-    if method is MatrixMultiplyMethod.PLAIN:
-        partial = _mesh.mark_stacked(_dot(x, w, precision), mesh, axis_name)
-        if reduce_scatter_output:
-            y = reduce_scatter_features(partial, axis_name, mesh=mesh)
-            y = _scale_and_bias(y, b, scale, stacked=True)
-            return _from_stacked(y, mesh=mesh, axis_name=axis_name, replicated=False)
-        y = _mesh.mark_sharding(partial.sum(0), mesh, (None,) * (partial.dim() - 1))  # psum
-        return _scale_and_bias(y, b, scale)
-    y = _reduce_scatter_matmul(x, w, axis_name, method.bidirectional, precision, mesh=mesh)
-    if reduce_scatter_output:
-        y = _scale_and_bias(y, b, scale, stacked=True)
-        return _from_stacked(y, mesh=mesh, axis_name=axis_name, replicated=False)
-    y = _from_stacked(y, mesh=mesh, axis_name=axis_name, replicated=True)
-    return _scale_and_bias(y, b, scale)
-
-
-_LOCAL_FORWARD = {"column": _column_local, "row": _row_local}
-
-
-def _param_specs(direction: str, axis_name: str, reduce_scatter_output: bool) -> tuple[Spec, Spec]:
-    """(kernel spec, bias spec) of a layer (see the table in the module docstring)."""
-    if direction == "column":
-        return (None, axis_name), (axis_name,)
-    return (axis_name, None), ((axis_name,) if reduce_scatter_output else (None,))
-
-
-def _io_specs(direction: str, method: MatrixMultiplyMethod, axis_name: str,
-              reduce_scatter_output: bool, ndim: int) -> tuple[Spec, Spec]:
-    """(input spec, output spec) of the global tensors for an input of rank ``ndim``."""
-    lead = (None,) * (ndim - 1)
-    input_sharded = direction == "row" or method is not MatrixMultiplyMethod.PLAIN
-    in_spec = (*lead, axis_name if input_sharded else None)
-    out_spec = (*lead, axis_name if reduce_scatter_output else None)
-    return in_spec, out_spec
-
-
-def _tp_forward(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, *,
-                direction: str, method: MatrixMultiplyMethod, mesh, axis_name: str,
-                reduce_scatter_output: bool, scale: float, precision: tp.Any) -> torch.Tensor:
-    """Global tensors in, global tensor out: the twin of JAX's ``shard_map`` of the local body.
-
-    Annotates x, kernel and bias with their specs, moves them to the stacked view (reshapes: no
-    data moves when they already have those specs), runs the direction's per-device body and
-    annotates the global output with the output spec.
-    """
-    n = _mesh.check_axis(mesh, axis_name)
-    kspec, bspec = _param_specs(direction, axis_name, reduce_scatter_output)
-    in_spec, out_spec = _io_specs(direction, method, axis_name, reduce_scatter_output, x.dim())
-    stk = dict(mesh=mesh, axis_name=axis_name)
-    if in_spec[-1] is None:  # every device sees the whole input
-        x = _mesh.mark_stacked(x.unsqueeze(0).expand(n, *x.shape), mesh, axis_name)
-    else:
-        x = _to_stacked(x, n, **stk)
-    in_f, out_f = kernel.shape
-    if direction == "column":  # [in, out] -> [n, in, out/n]
-        w = _mesh.mark_stacked(kernel.reshape(in_f, n, out_f // n).movedim(1, 0), mesh, axis_name)
-    else:  # [in, out] -> [n, in/n, out]
-        w = _mesh.mark_stacked(kernel.reshape(n, in_f // n, out_f), mesh, axis_name)
-    if bias is not None and bspec[0] is not None:
-        bias = _mesh.mark_stacked(bias.reshape(n, -1), mesh, axis_name)
-    y = _LOCAL_FORWARD[direction](x, w, bias, axis_name=axis_name, method=method,
-                                  reduce_scatter_output=reduce_scatter_output, scale=scale,
-                                  precision=precision, mesh=mesh)
-    return _mesh.mark_sharding(y, mesh, out_spec)
 
 
 def _promote(tensors: tp.Sequence[torch.Tensor | None], dtype: torch.dtype | None):
@@ -784,7 +400,7 @@ class ParallelLinear(nn.Module):
     def param_specs(self) -> dict[str, Spec]:
         """{'kernel': spec, 'bias': spec} of the parallel layer (the module docstring's table)."""
         cfg = self.parallel_config
-        kspec, bspec = _param_specs(self.direction, cfg.axis_name, cfg.reduce_scatter_output)
+        kspec, bspec = param_specs(self.direction, cfg.axis_name, cfg.reduce_scatter_output)
         return {"kernel": kspec, "bias": bspec} if self.use_bias else {"kernel": kspec}
 
     def reshard(self) -> None:
@@ -828,7 +444,7 @@ class ParallelLinear(nn.Module):
         x, kernel, bias = self._params(inputs, w)
         if self.scale_value == 1.0:
             return F.linear(x, kernel.t(), bias)
-        return _scale_and_bias(F.linear(x, kernel.t()), bias, self.scale_value)
+        return scale_and_bias(F.linear(x, kernel.t()), bias, self.scale_value)
 
     def collective_forward(self, inputs: torch.Tensor,
                            w: torch.Tensor | None = None) -> torch.Tensor:
@@ -840,7 +456,7 @@ class ParallelLinear(nn.Module):
         """
         cfg = self.parallel_config
         x, kernel, bias = self._params(inputs, w)
-        return _tp_forward(x, kernel, bias, direction=self.direction, method=cfg.method,
+        return tp_forward(x, kernel, bias, direction=self.direction, method=cfg.method,
                            mesh=cfg.mesh, axis_name=cfg.axis_name,
                            reduce_scatter_output=cfg.reduce_scatter_output,
                            scale=self.scale_value, precision=self.precision)

@@ -29,7 +29,8 @@ from torch import nn
 
 from . import mesh as _mesh
 from . import xla
-from .linear import ColumnParallelLinear, TensorParallelConfig, _tp_forward
+from .linear import ColumnParallelLinear, TensorParallelConfig
+from .linear_ring import tp_forward
 
 __all__ = ["Layout", "IDENTITY", "TRANSPOSE", "is_conv1d", "as_linear", "build_linear",
            "FusedQKVLinear", "ReplicatedKVLinear", "TiedVocabHead", "set_origin", "origin_of"]
@@ -185,9 +186,9 @@ class ReplicatedKVLinear(ColumnParallelLinear):
         kernel = kernel.unflatten(1, (-1, self.head_dim)).index_select(1, idx).flatten(1)
         if bias is not None:
             bias = bias.unflatten(0, (-1, self.head_dim)).index_select(0, idx).flatten(0)
-        return _tp_forward(x, kernel, bias, direction="column", method=cfg.method, mesh=cfg.mesh,
-                           axis_name=cfg.axis_name, reduce_scatter_output=True,
-                           scale=self.scale_value, precision=self.precision)
+        return tp_forward(x, kernel, bias, direction="column", method=cfg.method, mesh=cfg.mesh,
+                          axis_name=cfg.axis_name, reduce_scatter_output=True,
+                          scale=self.scale_value, precision=self.precision)
 
 
 class TiedVocabHead(nn.Module):
@@ -235,11 +236,11 @@ class TiedVocabHead(nn.Module):
         kernel = self.weight.t()
         bias = self.bias
         dtype = torch.promote_types(x.dtype, kernel.dtype)
-        return _tp_forward(x.to(dtype), kernel.to(dtype), None if bias is None else
-                           bias.to(dtype), direction="column", method=cfg.method, mesh=cfg.mesh,
-                           axis_name=cfg.axis_name,
-                           reduce_scatter_output=cfg.reduce_scatter_output, scale=1.0,
-                           precision=None)
+        return tp_forward(x.to(dtype), kernel.to(dtype), None if bias is None else
+                          bias.to(dtype), direction="column", method=cfg.method, mesh=cfg.mesh,
+                          axis_name=cfg.axis_name,
+                          reduce_scatter_output=cfg.reduce_scatter_output, scale=1.0,
+                          precision=None)
 
     def extra_repr(self) -> str:
         return (f"vocab={self.weight.shape[0]}, features={self.weight.shape[1]}, "

@@ -31,13 +31,11 @@ from jax_impl.linear import (
     ParallelLinear,
     RowParallelLinear,
     TensorParallelConfig,
-    _all_gather_matmul,
-    _reduce_scatter_matmul,
-    _ring_split,
     get_matmul_output_sharding,
     get_output_partition_spec,
     get_sharding,
 )
+from jax_impl.linear_ring import all_gather_matmul, reduce_scatter_matmul, ring_split
 from parity import hlo
 
 M = MatrixMultiplyMethod
@@ -345,7 +343,7 @@ def test_forward_communication(jax_mesh, axis_size, kind, method, rs):
         return
     if method.is_ring:
         up, down = _permute_directions(ops, n)
-        exp_up, exp_down = _ring_split(n, method.bidirectional)
+        exp_up, exp_down = ring_split(n, method.bidirectional)
         assert (up, down) == (exp_up, exp_down)
         assert up + down == n - 1
         assert kinds.count("reduce-scatter") == 0 and kinds.count("all-reduce") == 0
@@ -397,16 +395,16 @@ def test_plain_column_backward_all_reduces_input_gradient(make_jax_mesh):
 # ------------------------------------------------------------------------- ring helpers directly
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_ring_helpers_match_collectives(make_jax_mesh, bidirectional):
-    """_all_gather_matmul == all_gather(x) @ w and _reduce_scatter_matmul == psum_scatter(x @ w)."""
+    """all_gather_matmul == all_gather(x) @ w and reduce_scatter_matmul == psum_scatter(x @ w)."""
     n = 8
     mesh = make_jax_mesh(model_axis_size=n)
     x = jax.random.normal(jax.random.key(0), (3, 16))
     w = jax.random.normal(jax.random.key(1), (16, 32))
 
     def per_device(x, w):
-        ring_ag = _all_gather_matmul(x, w, "tp", bidirectional)
+        ring_ag = all_gather_matmul(x, w, "tp", bidirectional)
         plain_ag = jax.lax.all_gather(x, "tp", axis=1, tiled=True) @ w
-        ring_rs = _reduce_scatter_matmul(x, w[: x.shape[-1]], "tp", bidirectional)
+        ring_rs = reduce_scatter_matmul(x, w[: x.shape[-1]], "tp", bidirectional)
         plain_rs = jax.lax.psum_scatter(x @ w[: x.shape[-1]], "tp", scatter_dimension=1,
                                         tiled=True)
         return ring_ag - plain_ag, ring_rs - plain_rs, plain_ag, plain_rs
@@ -423,7 +421,7 @@ def test_ring_helpers_match_collectives(make_jax_mesh, bidirectional):
     (4, False, (3, 0)), (4, True, (2, 1)), (8, True, (4, 3)), (7, True, (3, 3)),
 ])
 def test_ring_split(n, bidirectional, expected):
-    assert _ring_split(n, bidirectional) == expected
+    assert ring_split(n, bidirectional) == expected
 
 
 # -------------------------------------------------------------------------- config and methods

@@ -153,7 +153,7 @@ def test_linear_twins(jax_mesh, torch_mesh, axis_size, kind, method, rs):
 
 def test_twin_comparison_detects_a_reversed_ring(make_jax_mesh, make_torch_mesh, monkeypatch):
     """The comparison can fail: a torch ring shifted the other way changes numbers and pairs."""
-    from torch_impl import linear as tl
+    from torch_impl import linear_ring as tl  # the ring matmuls live here
 
     original = tl.ring_permute
 

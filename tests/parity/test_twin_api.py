@@ -59,6 +59,11 @@ JAX_ONLY: dict[tuple[str, str], tuple[set, str]] = {
 
 # (module, name) -> (torch parameters without a JAX twin, reason)
 TORCH_ONLY: dict[tuple[str, str], tuple[set, str]] = {
+    ("linear_ring", "pick_block"): ({"axis_name"}, "the picked block is re-annotated as stacked "
+                                    "over the axis; JAX's per-device slice needs no annotation"),
+    ("linear_ring", "scale_and_bias"): ({"stacked"}, "in the stacked view a sharded bias is "
+                                        "[n, o] and broadcasts differently from a replicated one; "
+                                        "under shard_map both are per-device [o]"),
     ("array_utils", "unstack_params"): ({"axis"}, "torch tensors carry no axis names (JAX reads "
                                         "the stacked dim from nn.Partitioned names)"),
     ("tensor_parallel", "ModelParallelismWrapper"): ({"seed"}, "linen initializes lazily from an "

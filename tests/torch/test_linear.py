@@ -35,11 +35,11 @@ from torch_impl.linear import (  # noqa: E402
     ParallelLinear,
     RowParallelLinear,
     TensorParallelConfig,
-    _ring_split,
     get_matmul_output_sharding,
     get_output_partition_spec,
     get_sharding,
 )
+from torch_impl.linear_ring import ring_split  # noqa: E402
 
 MM = MatrixMultiplyMethod
 IN, OUT = 16, 32  # divisible by every axis size under test
@@ -170,7 +170,7 @@ def check_communication(kind, method, rs, n, fwd_text, text, out_bytes, in_bytes
     fwd_kinds = Counter(op.kind for op in fwd_ops)
     kinds = Counter(op.kind for op in ops)
     if method.is_ring:
-        up, down = _ring_split(n, method.bidirectional)
+        up, down = ring_split(n, method.bidirectional)
         if n == 2:  # one step, whose up and down pairs are the same
             up, down, back = 1, 0, (2, 0)
         else:
