@@ -317,6 +317,15 @@ def write_markdown(path: str, steps: list[dict], pipe: list[dict], meta: dict) -
         f.write("\n".join(out) + "\n")
 
 
+def _save_plot(plt, fig, ax, path: str) -> str:
+    """Finish one plot (legend, layout), write it to ``path`` and close it; returns ``path``."""
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(out_dir: str, steps: list[dict], pipe: list[dict]) -> list[str]:
     """PNG plots: step time per case and backend; pipeline compile growth."""
     import matplotlib
@@ -334,11 +343,7 @@ def write_plots(out_dir: str, steps: list[dict], pipe: list[dict]) -> list[str]:
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, rotation=90, fontsize=6)
         ax.set_ylabel("forward+backward step, ms (median)")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "step_times.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save_plot(plt, fig, ax, os.path.join(out_dir, "step_times.png")))
     if pipe:
         fig, ax = plt.subplots(figsize=(6, 4))
         ms = [r["microbatches"] for r in pipe]
@@ -347,11 +352,7 @@ def write_plots(out_dir: str, steps: list[dict], pipe: list[dict]) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("micro-batches")
         ax.set_ylabel("compiled HLO instructions")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(os.path.join(out_dir, "pipeline_growth.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save_plot(plt, fig, ax, os.path.join(out_dir, "pipeline_growth.png")))
     return paths
 
 

@@ -1,5 +1,7 @@
 """ringpar JAX/Flax reference implementation of tensor- and pipeline-parallel layers.
 
+Twin package: :mod:`torch_impl` (the same module names; ``docs/design.md``).
+
 Submodules are imported lazily, so ``import jax_impl`` is cheap and ``jax_impl.configs`` (which is
 framework-neutral) can be used without JAX installed.
 """

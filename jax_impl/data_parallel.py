@@ -1,4 +1,5 @@
-"""Data parallelism and FSDP (API of xlstm-jax ``distributed.data_parallel``).
+"""Data parallelism and FSDP (API of xlstm-jax ``distributed.data_parallel``; twin of
+:mod:`torch_impl.data_parallel`).
 
 Per-device code: call these inside ``jax.shard_map`` over a mesh with the data axis and the FSDP
 axis (ParallelConfig ``data_axis_name`` / ``fsdp_axis_name``). The batch is split over both axes;

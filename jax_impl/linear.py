@@ -1,4 +1,5 @@
-"""Tensor-parallel linear layers (Flax nnx) with the API of EasyDeL's ``easydel.layers.linear``.
+"""Tensor-parallel linear layers (Flax nnx) with the API of EasyDeL's ``easydel.layers.linear``;
+twin of :mod:`torch_impl.linear`.
 
 Public API (names, constructor arguments and defaults as in the seed)::
 
@@ -93,6 +94,8 @@ from flax.nnx.nn.dtypes import promote_dtype
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 
+from ringpar.linear_args import (check_axis_name, check_reduce_options, check_tp_sizes,
+                                 mesh_request, resolve_out_features, resolve_scale)
 from ringpar.matmul_methods import MatrixMultiplyMethod, resolve_method
 from ringpar.validation import positive_int
 
@@ -124,9 +127,10 @@ default_bias_init = nnx.initializers.zeros
 # --------------------------------------------------------------------------------------- methods
 # MatrixMultiplyMethod and resolve_method live in the framework-neutral ringpar.matmul_methods.
 # ---------------------------------------------------------------------------------------- config
+# Deliberate twin of torch_impl.linear.TensorParallelConfig: same fields, defaults and checks
+# (the shared rules are in ringpar.linear_args); only the mesh type and where a default mesh
+# comes from differ.
 @dataclasses.dataclass(frozen=True)
-
-
 class TensorParallelConfig:
     """Configuration for tensor parallelism (a frozen dataclass: hashable, static for nnx).
 
@@ -155,26 +159,19 @@ class TensorParallelConfig:
     def __post_init__(self) -> None:
         method = resolve_method(self.matmul_method)
         object.__setattr__(self, "matmul_method", method)
-        mesh = self.mesh
-        if mesh is None and (method is not None or self.reduce_scatter_output):
-            context_mesh = jax.sharding.get_mesh()
-            if context_mesh.empty:
-                asked = (f"matmul_method={method.value!r}" if method is not None
-                         else "reduce_scatter_output=True")
+        mesh, asked = self.mesh, mesh_request(method, self.reduce_scatter_output)
+        if mesh is None and asked:
+            mesh = jax.sharding.get_mesh()
+            if mesh.empty:
                 raise ValueError(
                     f"mesh=None with {asked}: expected a jax.sharding.Mesh, either as mesh=... or "
                     f"from an enclosing `with jax.set_mesh(mesh):`")
-            mesh = context_mesh
         if mesh is not None:
             if not isinstance(mesh, Mesh):
                 raise ValueError(f"mesh={mesh!r}: expected a concrete jax.sharding.Mesh")
-            if not isinstance(self.axis_name, str):
-                raise ValueError(f"axis_name={self.axis_name!r}: expected a mesh axis name (str)")
-            check_axis(mesh, self.axis_name, "axis_name")
+            check_axis(mesh, check_axis_name(self.axis_name), "axis_name")
             object.__setattr__(self, "mesh", mesh)
-        if self.reduce_output and self.reduce_scatter_output:
-            raise ValueError("reduce_output=True with reduce_scatter_output=True: expected at most "
-                             "one (a replicated output or one sharded on the out features)")
+        check_reduce_options(self.reduce_output, self.reduce_scatter_output)
 
     @property
     def active(self) -> bool:
@@ -193,6 +190,8 @@ class TensorParallelConfig:
 
 
 # ----------------------------------------------------------------------------------------- layers
+# Deliberate twin of torch_impl.linear.ParallelLinear (and the two subclasses below): same
+# constructor steps, attributes, parameter names and forward methods.
 class ParallelLinear(nnx.Module):
     """A Linear layer with optional tensor parallelism.
 
@@ -241,40 +240,31 @@ class ParallelLinear(nnx.Module):
     ):
         if rngs is None:
             rngs = nnx.Rngs(0)
-        in_features = positive_int("in_features", in_features)
-        if isinstance(out_features, tp.Sequence) and not isinstance(out_features, str):
-            if len(out_features) == 0:
-                raise ValueError(f"out_features={out_features!r}: expected a positive int or a "
-                                 f"non-empty sequence of positive ints")
-            for f in out_features:
-                positive_int("out_features", f)
-            out_features = tuple(out_features)
-            tp_merged, out_total = len(out_features), sum(out_features)
-        else:
-            out_features = positive_int("out_features", out_features)
-            tp_merged, out_total = 1, out_features
+        self._set_sizes(in_features, out_features, scale)
+        self._set_options(use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
+                          parallel_config)
+        kernel, bias = self._init_params(rngs)
+        self._place_params(kernel, bias)
 
-        if isinstance(scale, str):
-            if scale == "fan_in":
-                scale_value = in_features ** -0.5
-            elif scale == "fan_out":
-                scale_value = out_total ** -0.5
-            else:
-                raise ValueError(f"scale={scale!r}: expected a float, 'fan_in' or 'fan_out'")
-        elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            scale_value = float(scale)
-        else:
-            raise ValueError(f"scale={scale!r}: expected a float, 'fan_in' or 'fan_out'")
+    # ------------------------------------------------------------------------- construction
+    # The constructor's steps, the same on both backends (torch_impl.linear.ParallelLinear).
+    def _set_sizes(self, in_features: int, out_features: int | tp.Sequence[int],
+                   scale: float | str) -> None:
+        """Check and store the feature sizes and the output scale (rules in ringpar.linear_args)."""
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features, self.tp_merged, self.out_features_total = \
+            resolve_out_features(out_features)
+        self.scale = scale
+        self.scale_value = resolve_scale(scale, in_features=self.in_features,
+                                         out_total=self.out_features_total)
 
+    def _set_options(self, use_bias: bool, dtype: Dtype | None, param_dtype: Dtype,
+                     precision: PrecisionLike, kernel_init: Initializer, bias_init: Initializer,
+                     parallel_config: TensorParallelConfig | None) -> None:
+        """Check and store the other arguments; a parallel layer checks its tp sizes."""
         if parallel_config is not None and not isinstance(parallel_config, TensorParallelConfig):
             raise ValueError(f"parallel_config={parallel_config!r}: expected a "
                              f"TensorParallelConfig or None")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.out_features_total = out_total
-        self.tp_merged = tp_merged
-        self.scale = scale
-        self.scale_value = scale_value
         self.use_bias = use_bias
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -288,37 +278,38 @@ class ParallelLinear(nnx.Module):
         if self.is_parallel:
             self._check_parallel(parallel_config)
 
-        kernel = kernel_init(rngs.params(), (in_features, out_total), param_dtype)
-        bias = bias_init(rngs.params(), (out_total,), param_dtype) if use_bias else None
-        if self.is_parallel:
-            cfg = parallel_config
-            kspec, bspec = param_specs(self.direction, cfg.axis_name, cfg.reduce_scatter_output)
-            self.kernel = nnx.Param(jax.device_put(kernel, NamedSharding(cfg.mesh, kspec)),
-                                    out_sharding=tuple(kspec), mesh=cfg.mesh)
-            self.bias = (nnx.Param(jax.device_put(bias, NamedSharding(cfg.mesh, bspec)),
-                                   out_sharding=tuple(bspec), mesh=cfg.mesh)
-                         if use_bias else nnx.data(None))
-        else:
-            self.kernel = nnx.Param(kernel)
-            self.bias = nnx.Param(bias) if use_bias else nnx.data(None)
-
     def _check_parallel(self, cfg: TensorParallelConfig) -> None:
-        method, n, ax = cfg.method, cfg.axis_size, cfg.axis_name
-        if self.direction not in method.directions:
-            raise ValueError(
-                f"matmul_method={method.value!r} does not apply to a {self.direction}-parallel "
-                f"layer ({type(self).__name__}): expected one of "
-                f"{[m.value for m in MatrixMultiplyMethod if self.direction in m.directions]}")
-        need_in = self.direction == "row" or method.is_ring
-        need_out = (self.direction == "column" or cfg.reduce_scatter_output or method.is_ring)
-        if need_in and self.in_features % n:
-            raise ValueError(f"in_features={self.in_features}: expected a multiple of the "
-                             f"{ax!r} axis size {n} ({self.direction}-parallel, {method.value})")
-        if need_out and self.out_features_total % n:
-            raise ValueError(f"out_features={self.out_features!r} (total "
-                             f"{self.out_features_total}): expected a multiple of the {ax!r} axis "
-                             f"size {n} ({self.direction}-parallel, {method.value})")
+        check_tp_sizes(self.direction, cfg.method, in_features=self.in_features,
+                       out_features=self.out_features, axis_name=cfg.axis_name,
+                       axis_size=cfg.axis_size, reduce_scatter_output=cfg.reduce_scatter_output,
+                       layer=type(self).__name__)
 
+    def _init_params(self, rngs: nnx.Rngs) -> tuple[Array, Array | None]:
+        """The initial kernel then bias, each drawn from a ``params`` key (as ``nnx.Linear``)."""
+        shape = (self.in_features, self.out_features_total)
+        kernel = self.kernel_init(rngs.params(), shape, self.param_dtype)
+        bias = (self.bias_init(rngs.params(), (shape[1],), self.param_dtype)
+                if self.use_bias else None)
+        return kernel, bias
+
+    def _place_params(self, kernel: Array, bias: Array | None) -> None:
+        """Store ``kernel`` and ``bias`` as ``nnx.Param``; a parallel layer places them sharded
+        over the config's mesh (the module docstring's table)."""
+        if not self.is_parallel:
+            self.kernel = nnx.Param(kernel)
+            self.bias = nnx.Param(bias) if self.use_bias else nnx.data(None)
+            return
+        cfg = self.parallel_config
+        kspec, bspec = param_specs(self.direction, cfg.axis_name, cfg.reduce_scatter_output)
+
+        def placed(value: Array, spec) -> nnx.Param:  # put on the mesh, carrying its sharding
+            return nnx.Param(jax.device_put(value, NamedSharding(cfg.mesh, spec)),
+                             out_sharding=tuple(spec), mesh=cfg.mesh)
+
+        self.kernel = placed(kernel, kspec)
+        self.bias = placed(bias, bspec) if self.use_bias else nnx.data(None)
+
+    # ---------------------------------------------------------------------------- forward
     def _scale_operator(self, y: Array) -> Array:
         return y * self.scale_value if self.scale_value != 1.0 else y
 

@@ -1,6 +1,10 @@
 """Partition-spec helpers of the ParallelLinear family (EasyDeL names): twin of
 :mod:`torch_impl.linear_specs`; re-exported by :mod:`jax_impl.linear`.
 
+The spec algebra itself is framework-neutral and lives in :mod:`ringpar.partition_specs` (specs
+as plain tuples); this module reads an array's ``NamedSharding`` and converts to and from
+``jax.sharding.PartitionSpec`` at its edge.
+
 Example:
     >>> from jax.sharding import PartitionSpec as Ps
     >>> get_matmul_output_sharding(Ps("dp", None), Ps(None, "tp"))
@@ -16,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as Ps
 
 from ringpar.matmul_methods import MatrixMultiplyMethod, resolve_method
-
+from ringpar.partition_specs import matmul_output_spec, tp_matmul_output_spec
 
 __all__ = ["get_sharding", "get_matmul_output_sharding", "get_output_partition_spec"]
 
@@ -35,21 +39,6 @@ def get_sharding(arr: tp.Any) -> Ps | None:
     return None
 
 
-def _spec_entries(spec: Ps, ndim: int) -> tuple:
-    """The entries of ``spec`` padded with None to ``ndim`` (a spec may omit trailing dims)."""
-    entries = tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(f"partition spec {spec} has {len(entries)} entries for a {ndim}-D array")
-    return entries + (None,) * (ndim - len(entries))
-
-
-def _axes_of(entry: tp.Any) -> tuple:
-    """Mesh axes named by one spec entry (None, a name, or a tuple of names)."""
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
 def get_matmul_output_sharding(lhs_pspec: Ps | None, rhs_pspec: Ps | None) -> Ps:
     """PartitionSpec of ``X @ W`` from the specs of X [..., k] and W [k, j].
 
@@ -58,26 +47,11 @@ def get_matmul_output_sharding(lhs_pspec: Ps | None, rhs_pspec: Ps | None) -> Ps
     earlier output dim is dropped from a later one (the entry becomes None, or the tuple loses it).
     The spec describes the layout only: if the contracting dims are sharded on the same axis the
     per-device products are partial sums that still need a reduction. Returns ``P()`` if either
-    spec is None.
+    spec is None. (:func:`ringpar.partition_specs.matmul_output_spec` on tuples.)
     """
     if lhs_pspec is None or rhs_pspec is None:
         return Ps()
-    lhs, rhs = tuple(lhs_pspec), tuple(rhs_pspec)
-    candidates = list(lhs[:-1]) + ([rhs[-1]] if rhs else [])
-    used: set = set()
-    out: list = []
-    for entry in candidates:
-        axes = _axes_of(entry)
-        kept = tuple(a for a in axes if a not in used)
-        used.update(axes)
-        if not kept:
-            out.append(None)
-        elif isinstance(entry, (tuple, list)):
-            out.append(kept)
-        else:
-            out.append(kept[0])
-    out += [None] * (len(lhs) - len(out))
-    return Ps(*out)
+    return Ps(*matmul_output_spec(tuple(lhs_pspec), tuple(rhs_pspec)))
 
 
 def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMethod | str | None,
@@ -88,19 +62,11 @@ def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMe
     (ALL_GATHER*, REDUCE_SCATTER*) the result is sharded on its last dim over ``axis_name`` and its
     leading dims keep the lhs spec without ``axis_name``; for PLAIN (or None) it is
     :func:`get_matmul_output_sharding` of the two specs. Raises ValueError for an unknown method.
+    (:func:`ringpar.partition_specs.tp_matmul_output_spec` on tuples.)
     """
     method = resolve_method(method)
     lhs_spec, rhs_spec = get_sharding(lhs), get_sharding(rhs)
     if lhs_spec is None or rhs_spec is None:
         return None
-    lhs_entries = _spec_entries(lhs_spec, lhs.ndim)
-    rhs_entries = _spec_entries(rhs_spec, rhs.ndim)
-    if method is None or method is MatrixMultiplyMethod.PLAIN:
-        return get_matmul_output_sharding(Ps(*lhs_entries), Ps(*rhs_entries))
-    lead = []
-    for entry in lhs_entries[:-1]:
-        kept = tuple(a for a in _axes_of(entry) if a != axis_name)
-        lead.append(None if not kept else (kept if isinstance(entry, (tuple, list)) else kept[0]))
-    return Ps(*lead, axis_name)
-
-
+    return Ps(*tp_matmul_output_spec(tuple(lhs_spec), tuple(rhs_spec), method, axis_name,
+                                     lhs_ndim=lhs.ndim, rhs_ndim=rhs.ndim))

@@ -1,4 +1,5 @@
-"""Device meshes for the JAX backend, built from a :class:`ParallelConfig`."""
+"""Device meshes for the JAX backend, built from a :class:`ParallelConfig` (twin of
+:mod:`torch_impl.mesh`)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,14 @@ def check_axis(mesh: Mesh, axis_name: str, argument: str = "axis_name") -> int:
 
 def axis_size(axis_name: str) -> int:
     """Size of a mapped axis inside ``shard_map`` (ValueError if the axis is not bound)."""
+    return bound_axis_size(axis_name, "axis_name")
+
+
+# Not in __all__: a JAX-only helper (torch meshes have no bound axes), used by the pipelines.
+def bound_axis_size(axis_name: str, argument: str) -> int:
+    """:func:`axis_size`, with the ValueError naming the caller's argument ``argument``."""
     try:
         return int(jax.lax.axis_size(axis_name))
     except NameError as exc:
-        raise ValueError(f"axis_name={axis_name!r} is not bound: call inside shard_map over a mesh "
+        raise ValueError(f"{argument}={axis_name!r} is not bound: call inside shard_map over a mesh "
                          f"with that axis") from exc

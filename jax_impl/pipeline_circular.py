@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from ringpar import pipeline_schedule as schedule
 
 from .collectives import axis_index, ring_permute
-from .mesh import axis_size
+from .mesh import bound_axis_size
 
 __all__ = ["RepeatedStage", "read_buffer", "inject_microbatch", "run_resident_stage",
            "collect_output", "rotate",
@@ -138,14 +138,6 @@ def _varying(x: jax.Array, axis_name: str) -> jax.Array:
     return jax.lax.pcast(x, (axis_name,), to="varying")
 
 
-def _num_stages(model_axis_name: str) -> int:
-    try:
-        return axis_size(model_axis_name)
-    except ValueError as exc:
-        raise ValueError(f"model_axis_name={model_axis_name!r} is not bound: call inside "
-                         f"shard_map over a mesh with that axis") from exc
-
-
 def _microbatches(x, m: int):
     if not hasattr(x, "ndim") or x.ndim < 1:
         raise ValueError(f"x has shape {getattr(x, 'shape', None)}: expected a batch dimension")
@@ -178,7 +170,7 @@ def execute_circular_pipeline(module: nn.Module, x: jax.Array, *args, num_microb
         ValueError: bad m / r (r > 1 with m < p names both), B not divisible by m, the axis not
             bound, or a layer that changes the shape.
     """
-    p = _num_stages(model_axis_name)
+    p = bound_axis_size(model_axis_name, "model_axis_name")
     r, m = num_pipeline_repeats, num_microbatches
     tables = schedule.step_tables(p, m, r)  # validates (p, m, r) before anything is traced
     micro = _microbatches(x, m)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from .collectives import axis_index, ring_permute
-from .mesh import axis_size
+from .mesh import bound_axis_size
 from .pipeline_circular import execute_circular_pipeline
 
 __all__ = ["execute_pipeline_step", "execute_pipeline", "PipelineModule"]
@@ -42,15 +42,6 @@ def _check_num_microbatches(num_microbatches) -> None:
     if (not isinstance(num_microbatches, int) or isinstance(num_microbatches, bool)
             or num_microbatches < 1):
         raise ValueError(f"num_microbatches={num_microbatches!r}: expected an int >= 1")
-
-
-def _num_stages(model_axis_name: str) -> int:
-    """Size of the pipeline axis; ValueError naming ``model_axis_name`` if it is not bound."""
-    try:
-        return axis_size(model_axis_name)
-    except ValueError as exc:
-        raise ValueError(f"model_axis_name={model_axis_name!r} is not bound: call inside "
-                         f"shard_map over a mesh with that axis") from exc
 
 
 def execute_pipeline_step(
@@ -82,7 +73,7 @@ def execute_pipeline_step(
         ValueError: if ``model_axis_name`` is not bound, or the module's output shape or dtype
             differs from its input's (a stage must map ``[b, ...]`` to the same shape).
     """
-    num_stages = _num_stages(model_axis_name)
+    num_stages = bound_axis_size(model_axis_name, "model_axis_name")
     stage_index = axis_index(model_axis_name)
     if state.shape != input.shape or state.dtype != input.dtype:
         raise ValueError(f"input has shape {input.shape} and dtype {input.dtype}: expected the "
@@ -129,7 +120,7 @@ def execute_pipeline(
             bound, or the stage changes the shape of its input.
     """
     _check_num_microbatches(num_microbatches)
-    _num_stages(model_axis_name)  # ValueError naming the axis if it is not bound
+    bound_axis_size(model_axis_name, "model_axis_name")  # ValueError if the axis is not bound
     if x.ndim < 1:
         raise ValueError(f"x has shape {x.shape}: expected a batch dimension first")
     batch_size = x.shape[0]

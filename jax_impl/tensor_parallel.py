@@ -1,4 +1,5 @@
-"""Tensor-parallel dense layers (API of xlstm-jax ``distributed.tensor_parallel``).
+"""Tensor-parallel dense layers (API of xlstm-jax ``distributed.tensor_parallel``; twin of
+:mod:`torch_impl.tensor_parallel`).
 
 All modules and functions are per-device code: call them inside ``jax.shard_map`` over a mesh with
 the axis ``model_axis_name`` (size n). Shapes below are per-device unless marked global.

@@ -2,7 +2,8 @@
 
 Both backends (``jax_impl``, ``torch_impl``) and the parity harness read their shared facts from
 here, so each fact is written once: configs, matmul methods, ring arithmetic, validation rules,
-seeds, the CPU virtual-device environment, the GPT's parameter table, and the weight converter.
+seeds, the CPU virtual-device environment, the GPT's parameter table, partition-spec algebra,
+the linear layers' argument rules, and the weight converter.
 Submodules are imported lazily.
 
 Example:
@@ -15,7 +16,8 @@ import importlib
 
 _SUBMODULES = ("configs", "matmul_methods", "rings", "validation", "seeding", "devices",
                "gpt_config", "gpt_model_config", "convert", "fsdp_layout", "pipeline_schedule",
-               "schedule", "optim", "data", "checkpoint", "progress")
+               "schedule", "optim", "data", "checkpoint", "progress", "partition_specs",
+               "linear_args")
 
 
 __all__ = list(_SUBMODULES)

@@ -106,60 +106,97 @@ class ConfigDict:
 
 
 def _parse(tp: Any, data: Any, strict: bool, ignore_extra: bool, none_to_zero: bool) -> Any:
-    recurse = lambda t, d: _parse(t, d, strict, ignore_extra, none_to_zero)  # noqa: E731
-    if tp is Any or tp is None:
+    """Parse plain ``data`` into type ``tp``: one step per kind of type (see ``from_dict``)."""
+    opts = _ParseOptions(strict, ignore_extra, none_to_zero)
+    return opts.parse(tp, data)
+
+
+@dataclass(frozen=True)
+class _ParseOptions:
+    """The ``from_dict`` flags, carried through the recursion of :func:`_parse`."""
+
+    strict: bool
+    ignore_extra: bool
+    none_to_zero: bool
+
+    def parse(self, tp: Any, data: Any) -> Any:
+        if tp is Any or tp is None:
+            return data
+        if isinstance(tp, str):  # unresolved forward reference: leave as is
+            return data
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            return self._union(typing.get_args(tp), data)
+        if origin in (list, tuple, typing.Sequence, set) or tp in (list, tuple):
+            return self._sequence(tp, origin, data)
+        if origin is dict or tp is dict:
+            return dict(data)
+        if _is_callable_type(tp, origin):
+            return self._callable(data)
+        if tp is int:
+            return self._int(data)
+        if tp in (float, str, bool):
+            if data is None:
+                raise TypeError(f"expected {tp.__name__}, got None")
+            return tp(data)
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            return self._dataclass(tp, data)
+        if isinstance(tp, type):
+            if isinstance(data, tp):
+                return data
+            return tp(**data) if isinstance(data, dict) else tp(data)
         return data
-    if isinstance(tp, str):  # unresolved forward reference: leave as is
-        return data
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
+
+    def _union(self, args: tuple, data: Any) -> Any:
+        """The first member of ``Union[args]`` that parses ``data`` (data as is if none does)."""
         if data is None:
             if type(None) in args:
                 return None
-            if int in args and none_to_zero:
+            if int in args and self.none_to_zero:
                 return 0
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return recurse(arg, data)
+                return self.parse(arg, data)
             except (TypeError, ValueError):
                 continue
         return data
-    if origin in (list, tuple, typing.Sequence, set) or tp in (list, tuple):
+
+    def _sequence(self, tp: Any, origin: Any, data: Any) -> Any:
+        """A list (or tuple, for tuple types) parsed element by element."""
         if not isinstance(data, (list, tuple)):
             raise TypeError(f"expected a sequence for {tp}, got {data!r}")
+        args = typing.get_args(tp)
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            out = [recurse(a, d) for a, d in zip(args, data)]
+            out = [self.parse(a, d) for a, d in zip(args, data)]
         else:
             elem = args[0] if args else Any
-            out = [recurse(elem, d) for d in data]
+            out = [self.parse(elem, d) for d in data]
         return tuple(out) if (origin is tuple or tp is tuple) else out
-    if origin is dict or tp is dict:
-        return dict(data)
-    if tp is callable or tp is type or origin is type or (
-        origin is not None and getattr(origin, "__name__", "") == "Callable"
-    ) or tp is typing.Callable:
-        if isinstance(data, str):
-            try:
-                return _import_path(data)
-            except (ImportError, AttributeError, ValueError) as exc:
-                if strict:
-                    raise ValueError(f"cannot import class {data!r}: {exc}") from exc
-                return data
-        return data
-    if tp is int:
-        if data is None and none_to_zero:
+
+    def _callable(self, data: Any) -> Any:
+        """A class / callable from its dotted path (kept as the string if it does not import,
+        unless ``strict``)."""
+        if not isinstance(data, str):
+            return data
+        try:
+            return _import_path(data)
+        except (ImportError, AttributeError, ValueError) as exc:
+            if self.strict:
+                raise ValueError(f"cannot import class {data!r}: {exc}") from exc
+            return data
+
+    def _int(self, data: Any) -> int:
+        if data is None and self.none_to_zero:
             return 0
         if isinstance(data, bool) or not isinstance(data, int):
             raise TypeError(f"expected int, got {data!r}")
         return data
-    if tp in (float, str, bool):
-        if data is None:
-            raise TypeError(f"expected {tp.__name__}, got None")
-        return tp(data)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+
+    def _dataclass(self, tp: type, data: Any) -> Any:
+        """An instance of dataclass ``tp`` from a dict; fields with ``init=False`` are set after
+        construction."""
         if isinstance(data, tp):
             return data
         if not isinstance(data, dict):
@@ -167,20 +204,21 @@ def _parse(tp: Any, data: Any, strict: bool, ignore_extra: bool, none_to_zero: b
         hints = typing.get_type_hints(tp)
         known = {f.name: f for f in dataclasses.fields(tp)}
         extra = sorted(set(data) - set(known))
-        if extra and not ignore_extra:
+        if extra and not self.ignore_extra:
             raise ValueError(f"data has attributes {extra} that {tp.__name__} does not define")
-        kwargs = {k: recurse(hints.get(k, Any), v) for k, v in data.items() if k in known}
-        init_kwargs = {k: v for k, v in kwargs.items() if known[k].init}
-        obj = tp(**init_kwargs)
+        kwargs = {k: self.parse(hints.get(k, Any), v) for k, v in data.items() if k in known}
+        obj = tp(**{k: v for k, v in kwargs.items() if known[k].init})
         for k, v in kwargs.items():
             if not known[k].init:
                 setattr(obj, k, v)
         return obj
-    if isinstance(tp, type):
-        if isinstance(data, tp):
-            return data
-        return tp(**data) if isinstance(data, dict) else tp(data)
-    return data
+
+
+def _is_callable_type(tp: Any, origin: Any) -> bool:
+    """Whether annotation ``tp`` names a class or callable (stored as a dotted path)."""
+    return tp is callable or tp is type or origin is type or (
+        origin is not None and getattr(origin, "__name__", "") == "Callable"
+    ) or tp is typing.Callable
 
 
 @dataclass(kw_only=True)

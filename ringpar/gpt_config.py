@@ -13,15 +13,34 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["TP_MODES", "NORMS", "GPTConfig", "gpt_param_shapes"]
+__all__ = ["TP_MODES", "NORMS", "TransformerSizes", "GPTConfig", "gpt_param_shapes"]
 
 TP_MODES = ("plain", "ring")
 NORMS = ("layernorm", "rmsnorm")
 
 
 # ----------------------------------------------------------------------------------- config
+class TransformerSizes:
+    """The sizes derived from ``hidden_size``, ``num_heads`` and ``mlp_hidden_size``: shared by
+    :class:`GPTConfig` and ``ringpar.gpt_model_config.GPTModelConfig`` (a mixin, no fields)."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_hidden_size: int | None
+
+    @property
+    def ffn(self) -> int:
+        """F, the MLP hidden size (default 4 D)."""
+        return self.mlp_hidden_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        """hd = D / H."""
+        return self.hidden_size // self.num_heads
+
+
 @dataclasses.dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(TransformerSizes):
     """Sizes and options of the GPT decoder (framework-neutral; shared by both backends).
 
     Attributes:
@@ -70,16 +89,6 @@ class GPTConfig:
             raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
         if self.tp_mode not in TP_MODES:
             raise ValueError(f"tp_mode={self.tp_mode!r}: expected one of {TP_MODES}")
-
-    @property
-    def ffn(self) -> int:
-        """F, the MLP hidden size."""
-        return self.mlp_hidden_size or 4 * self.hidden_size
-
-    @property
-    def head_dim(self) -> int:
-        """hd = D / H."""
-        return self.hidden_size // self.num_heads
 
     def check_tp(self, n: int) -> None:
         """ValueError (naming the module path) unless every split size is divisible by ``n``."""

@@ -96,7 +96,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ringpar.linear_args import (check_axis_name, check_reduce_options, check_tp_sizes,
+                                 mesh_request, resolve_out_features, resolve_scale)
 from ringpar.matmul_methods import MatrixMultiplyMethod, resolve_method  # neutral, shared
+from ringpar.partition_specs import Spec
 from ringpar.validation import positive_int
 
 from . import mesh as _mesh
@@ -118,7 +121,6 @@ __all__ = [
     "get_matmul_output_sharding",
 ]
 
-Spec = tuple  # a partition spec: one entry (None, an axis name, or a tuple of names) per dim
 Initializer = tp.Callable[..., torch.Tensor]
 PRECISIONS = (None, "default", "high", "highest")
 
@@ -134,9 +136,10 @@ default_bias_init = _zeros
 # --------------------------------------------------------------------------------------- methods
 # MatrixMultiplyMethod and resolve_method live in the framework-neutral ringpar.matmul_methods.
 # ---------------------------------------------------------------------------------------- config
+# Deliberate twin of jax_impl.linear.TensorParallelConfig: same fields, defaults and checks
+# (the shared rules are in ringpar.linear_args); only the mesh type and where a default mesh
+# comes from differ.
 @dataclasses.dataclass(frozen=True)
-
-
 class TensorParallelConfig:
     """Configuration for tensor parallelism (a frozen dataclass).
 
@@ -169,26 +172,20 @@ class TensorParallelConfig:
     def __post_init__(self) -> None:
         method = resolve_method(self.matmul_method)
         object.__setattr__(self, "matmul_method", method)
-        mesh = self.mesh
-        if mesh is None and (method is not None or self.reduce_scatter_output):
+        mesh, asked = self.mesh, mesh_request(method, self.reduce_scatter_output)
+        if mesh is None and asked:
             mesh = xla.get_global_mesh()
             if mesh is None:
-                asked = (f"matmul_method={method.value!r}" if method is not None
-                         else "reduce_scatter_output=True")
                 raise ValueError(
                     f"mesh=None with {asked}: expected a torch_xla.distributed.spmd.Mesh, either "
                     f"as mesh=... or set with xs.set_global_mesh(mesh)")
         if mesh is not None:
             if not xla.is_mesh(mesh):
                 raise ValueError(f"mesh={mesh!r}: expected a torch_xla.distributed.spmd.Mesh")
-            if not isinstance(self.axis_name, str):
-                raise ValueError(f"axis_name={self.axis_name!r}: expected a mesh axis name (str)")
-            _mesh.check_axis(mesh, self.axis_name, "axis_name")
+            _mesh.check_axis(mesh, check_axis_name(self.axis_name), "axis_name")
             _mesh.require_spmd()
             object.__setattr__(self, "mesh", mesh)
-        if self.reduce_output and self.reduce_scatter_output:
-            raise ValueError("reduce_output=True with reduce_scatter_output=True: expected at most "
-                             "one (a replicated output or one sharded on the out features)")
+        check_reduce_options(self.reduce_output, self.reduce_scatter_output)
 
     @property
     def active(self) -> bool:
@@ -217,6 +214,8 @@ def _promote(tensors: tp.Sequence[torch.Tensor | None], dtype: torch.dtype | Non
 
 
 # ----------------------------------------------------------------------------------------- layers
+# Deliberate twin of jax_impl.linear.ParallelLinear (and the two subclasses below): same
+# constructor steps, attributes, parameter names and forward methods.
 class ParallelLinear(nn.Module):
     """A Linear layer with optional tensor parallelism (torch_xla SPMD).
 
@@ -266,30 +265,28 @@ class ParallelLinear(nn.Module):
         seed: int | None = None,
     ):
         super().__init__()
-        in_features = positive_int("in_features", in_features)
-        if isinstance(out_features, tp.Sequence) and not isinstance(out_features, str):
-            if len(out_features) == 0:
-                raise ValueError(f"out_features={out_features!r}: expected a positive int or a "
-                                 f"non-empty sequence of positive ints")
-            for f in out_features:
-                positive_int("out_features", f)
-            out_features = tuple(out_features)
-            tp_merged, out_total = len(out_features), sum(out_features)
-        else:
-            out_features = positive_int("out_features", out_features)
-            tp_merged, out_total = 1, out_features
+        self._set_sizes(in_features, out_features, scale)
+        self._set_options(use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
+                          parallel_config)
+        kernel, bias = self._init_params(seed)
+        self._place_params(kernel, bias)
 
-        if isinstance(scale, str):
-            if scale == "fan_in":
-                scale_value = in_features ** -0.5
-            elif scale == "fan_out":
-                scale_value = out_total ** -0.5
-            else:
-                raise ValueError(f"scale={scale!r}: expected a float, 'fan_in' or 'fan_out'")
-        elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            scale_value = float(scale)
-        else:
-            raise ValueError(f"scale={scale!r}: expected a float, 'fan_in' or 'fan_out'")
+    # ------------------------------------------------------------------------- construction
+    # The constructor's steps, the same on both backends (jax_impl.linear.ParallelLinear).
+    def _set_sizes(self, in_features: int, out_features: int | tp.Sequence[int],
+                   scale: float | str) -> None:
+        """Check and store the feature sizes and the output scale (rules in ringpar.linear_args)."""
+        self.in_features = positive_int("in_features", in_features)
+        self.out_features, self.tp_merged, self.out_features_total = \
+            resolve_out_features(out_features)
+        self.scale = scale
+        self.scale_value = resolve_scale(scale, in_features=self.in_features,
+                                         out_total=self.out_features_total)
+
+    def _set_options(self, use_bias: bool, dtype: torch.dtype | None, param_dtype: torch.dtype,
+                     precision: tp.Any, kernel_init: Initializer, bias_init: Initializer,
+                     parallel_config: TensorParallelConfig | None) -> None:
+        """Check and store the other arguments; a parallel layer checks its tp sizes."""
         for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
             if not (isinstance(value, torch.dtype) or (value is None and name == "dtype")):
                 raise ValueError(f"{name}={value!r}: expected a torch.dtype"
@@ -299,12 +296,6 @@ class ParallelLinear(nn.Module):
         if parallel_config is not None and not isinstance(parallel_config, TensorParallelConfig):
             raise ValueError(f"parallel_config={parallel_config!r}: expected a "
                              f"TensorParallelConfig or None")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.out_features_total = out_total
-        self.tp_merged = tp_merged
-        self.scale = scale
-        self.scale_value = scale_value
         self.use_bias = bool(use_bias)
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -317,12 +308,35 @@ class ParallelLinear(nn.Module):
         if self.is_parallel:
             self._check_parallel(parallel_config)
 
+    def _check_parallel(self, cfg: TensorParallelConfig) -> None:
+        _mesh.require_spmd()
+        # the stacked view splits the kernel on its sharded dim, and the output on its last dim
+        check_tp_sizes(self.direction, cfg.method, in_features=self.in_features,
+                       out_features=self.out_features, axis_name=cfg.axis_name,
+                       axis_size=cfg.axis_size, reduce_scatter_output=cfg.reduce_scatter_output,
+                       layer=type(self).__name__)
+
+    def _init_params(self, seed: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The initial kernel then bias, both drawn from one generator seeded with ``seed``."""
         generator = torch.Generator().manual_seed(draw_seed(seed))
-        kernel = kernel_init(generator, (in_features, out_total), param_dtype)
-        bias = bias_init(generator, (out_total,), param_dtype) if self.use_bias else None
-        self._check_init("kernel_init", kernel, (in_features, out_total))
+        shape = (self.in_features, self.out_features_total)
+        kernel = self.kernel_init(generator, shape, self.param_dtype)
+        bias = (self.bias_init(generator, (shape[1],), self.param_dtype)
+                if self.use_bias else None)
+        self._check_init("kernel_init", kernel, shape)
         if bias is not None:
-            self._check_init("bias_init", bias, (out_total,))
+            self._check_init("bias_init", bias, (shape[1],))
+        return kernel, bias
+
+    def _check_init(self, name: str, value: tp.Any, shape: tuple) -> None:
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} returned {got}: expected a tensor of shape {shape}")
+
+    def _place_params(self, kernel: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Register ``kernel`` and ``bias`` as parameters; a parallel layer moves them to the XLA
+        device, annotates their specs (the module docstring's table) and re-annotates after
+        ``load_state_dict``."""
         if self.is_parallel:
             device = _mesh.xla_device()
             kernel, bias = kernel.to(device), (None if bias is None else bias.to(device))
@@ -335,31 +349,6 @@ class ParallelLinear(nn.Module):
             self.reshard()
             self.register_load_state_dict_post_hook(ParallelLinear._reshard_after_load)
 
-    def _check_init(self, name: str, value: tp.Any, shape: tuple) -> None:
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{name} returned {got}: expected a tensor of shape {shape}")
-
-    def _check_parallel(self, cfg: TensorParallelConfig) -> None:
-        _mesh.require_spmd()
-        method, n, ax = cfg.method, cfg.axis_size, cfg.axis_name
-        if self.direction not in method.directions:
-            raise ValueError(
-                f"matmul_method={method.value!r} does not apply to a {self.direction}-parallel "
-                f"layer ({type(self).__name__}): expected one of "
-                f"{[m.value for m in MatrixMultiplyMethod if self.direction in m.directions]}")
-        # the stacked view splits the kernel on its sharded dim, and the output on its last dim
-        need_in = self.direction == "row" or method.is_ring
-        need_out = (self.direction == "column" or cfg.reduce_scatter_output or method.is_ring)
-        if need_in and self.in_features % n:
-            raise ValueError(f"in_features={self.in_features}: expected a multiple of the "
-                             f"{ax!r} axis size {n} ({self.direction}-parallel, {method.value})")
-        if need_out and self.out_features_total % n:
-            raise ValueError(f"out_features={self.out_features!r} (total "
-                             f"{self.out_features_total}): expected a multiple of the {ax!r} axis "
-                             f"size {n} ({self.direction}-parallel, {method.value})")
-
-    # ------------------------------------------------------------------------- construction
     @classmethod
     def from_linear(cls, linear: nn.Linear, parallel_config: TensorParallelConfig | None = None,
                     **kwargs) -> "ParallelLinear":

@@ -2,6 +2,10 @@
 :mod:`jax_impl.linear_specs`; re-exported by :mod:`torch_impl.linear`. A spec is a tuple with one
 entry (None, an axis name, or a tuple of names) per dim.
 
+The spec algebra and the reading of XLA's sharding strings are framework-neutral and live in
+:mod:`ringpar.partition_specs`; this module reads a tensor's ``mark_sharding`` annotation through
+the torch_xla boundary (:mod:`torch_impl.xla`) and matches it against the specs over a mesh.
+
 Example:
     >>> get_matmul_output_sharding(("dp", None), (None, "tp"))
     ('dp', 'tp')
@@ -9,72 +13,18 @@ Example:
 
 from __future__ import annotations
 
-import itertools
-import math
 import typing as tp
 
 import numpy as np
 import torch
 
 from ringpar.matmul_methods import MatrixMultiplyMethod, resolve_method  # neutral, shared
+from ringpar.partition_specs import (Spec, candidate_specs, matmul_output_spec,
+                                     parse_sharding_text, tile_layout, tp_matmul_output_spec)
 
 from . import xla
 
 __all__ = ["get_sharding", "get_matmul_output_sharding", "get_output_partition_spec"]
-
-Spec = tuple  # one entry per dim: None, an axis name, or a tuple of names
-
-
-def _tile_layout(mesh, spec: tp.Sequence) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
-    """(tile dims, device order, replicated last tile dim) of ``spec`` over ``mesh``, as torch_xla
-    prints them (``{devices=[dims]ids last_tile_dim_replicate}``); all-1 dims for replicated."""
-    names = tuple(mesh.axis_names)
-    sizes = dict(zip(names, (int(s) for s in mesh.mesh_shape)))
-    used = [a for entry in spec for a in _axes_of(entry)]
-    rest = [a for a in names if a not in used]
-    ids = np.asarray(mesh.device_ids).reshape(tuple(int(s) for s in mesh.mesh_shape))
-    ids = ids.transpose([names.index(a) for a in used + rest])
-    dims = tuple(math.prod(sizes[a] for a in _axes_of(entry)) for entry in spec)
-    replicated = math.prod(sizes[a] for a in rest)
-    if math.prod(dims) == 1:
-        return dims, (), False
-    return dims + ((replicated,) if replicated > 1 else ()), tuple(ids.reshape(-1).tolist()), \
-        replicated > 1
-
-
-def _parse_sharding(text: str, rank: int):
-    """torch_xla's sharding string -> (tile dims, device order, replicated last dim) or None."""
-    text = text.strip()
-    if text in ("{replicated}",):
-        return (1,) * rank, (), False
-    import re
-
-    m = re.fullmatch(r"\{devices=\[([\d,]+)\]([\d,]+)( last_tile_dim_replicate)?\}", text)
-    if not m:
-        return None
-    dims = tuple(int(d) for d in m.group(1).split(","))
-    ids = tuple(int(d) for d in m.group(2).split(","))
-    replicated = bool(m.group(3))
-    if math.prod(dims[:rank]) == 1 and len(dims) == rank + replicated:
-        return (1,) * rank, (), False
-    return dims, ids, replicated
-
-
-def _candidate_specs(mesh, rank: int):
-    """Every partition spec of a rank-``rank`` tensor over the mesh axes of size > 1."""
-    axes = [a for a, s in zip(mesh.axis_names, mesh.mesh_shape) if int(s) > 1]
-    seen = set()
-    for k in range(len(axes) + 1):
-        for chosen in itertools.permutations(axes, k):
-            for dims in itertools.product(range(rank), repeat=k):
-                entries = [[] for _ in range(rank)]
-                for a, d in zip(chosen, dims):
-                    entries[d].append(a)
-                spec = tuple(None if not e else (e[0] if len(e) == 1 else tuple(e))
-                             for e in entries)
-                if spec not in seen:
-                    seen.add(spec)
-                    yield spec
 
 
 def get_sharding(arr: tp.Any, *, mesh=None) -> Spec | None:
@@ -94,28 +44,16 @@ def get_sharding(arr: tp.Any, *, mesh=None) -> Spec | None:
     text = xla.sharding_text(arr)
     if not text:
         return None
-    parsed = _parse_sharding(text, arr.dim())
+    parsed = parse_sharding_text(text, arr.dim())
     if parsed is None:
         return None
-    for spec in _candidate_specs(mesh, arr.dim()):
-        if _tile_layout(mesh, spec) == parsed:
+    names = tuple(mesh.axis_names)
+    sizes = tuple(int(s) for s in mesh.mesh_shape)
+    ids = np.asarray(mesh.device_ids).reshape(-1).tolist()
+    for spec in candidate_specs(names, sizes, arr.dim()):
+        if tile_layout(names, sizes, ids, spec) == parsed:
             return spec
     return None
-
-
-def _spec_entries(spec: tp.Sequence, ndim: int) -> tuple:
-    """The entries of ``spec`` padded with None to ``ndim`` (a spec may omit trailing dims)."""
-    entries = tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(f"partition spec {spec} has {len(entries)} entries for a {ndim}-D array")
-    return entries + (None,) * (ndim - len(entries))
-
-
-def _axes_of(entry: tp.Any) -> tuple:
-    """Mesh axes named by one spec entry (None, a name, or a tuple of names)."""
-    if entry is None:
-        return ()
-    return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
 def get_matmul_output_sharding(lhs_pspec: Spec | None, rhs_pspec: Spec | None) -> Spec:
@@ -126,26 +64,9 @@ def get_matmul_output_sharding(lhs_pspec: Spec | None, rhs_pspec: Spec | None) -
     earlier output dim is dropped from a later one (the entry becomes None, or the tuple loses it).
     The spec describes the layout only: if the contracting dims are sharded on the same axis the
     per-device products are partial sums that still need a reduction. Returns ``()`` if either
-    spec is None.
+    spec is None. (:func:`ringpar.partition_specs.matmul_output_spec`.)
     """
-    if lhs_pspec is None or rhs_pspec is None:
-        return ()
-    lhs, rhs = tuple(lhs_pspec), tuple(rhs_pspec)
-    candidates = list(lhs[:-1]) + ([rhs[-1]] if rhs else [])
-    used: set = set()
-    out: list = []
-    for entry in candidates:
-        axes = _axes_of(entry)
-        kept = tuple(a for a in axes if a not in used)
-        used.update(axes)
-        if not kept:
-            out.append(None)
-        elif isinstance(entry, (tuple, list)):
-            out.append(kept)
-        else:
-            out.append(kept[0])
-    out += [None] * (len(lhs) - len(out))
-    return tuple(out)
+    return matmul_output_spec(lhs_pspec, rhs_pspec)
 
 
 def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMethod | str | None,
@@ -156,20 +77,11 @@ def get_output_partition_spec(lhs: tp.Any, rhs: tp.Any, method: MatrixMultiplyMe
     For a ring method (ALL_GATHER*, REDUCE_SCATTER*) the result is sharded on its last dim over
     ``axis_name`` and its leading dims keep the lhs spec without ``axis_name``; for PLAIN (or None)
     it is :func:`get_matmul_output_sharding` of the two specs. Raises ValueError for an unknown
-    method.
+    method. (:func:`ringpar.partition_specs.tp_matmul_output_spec`.)
     """
     method = resolve_method(method)
     lhs_spec, rhs_spec = get_sharding(lhs, mesh=mesh), get_sharding(rhs, mesh=mesh)
     if lhs_spec is None or rhs_spec is None:
         return None
-    lhs_entries = _spec_entries(lhs_spec, lhs.dim())
-    rhs_entries = _spec_entries(rhs_spec, rhs.dim())
-    if method is None or method is MatrixMultiplyMethod.PLAIN:
-        return get_matmul_output_sharding(lhs_entries, rhs_entries)
-    lead = []
-    for entry in lhs_entries[:-1]:
-        kept = tuple(a for a in _axes_of(entry) if a != axis_name)
-        lead.append(None if not kept else (kept if isinstance(entry, (tuple, list)) else kept[0]))
-    return (*lead, axis_name)
-
-
+    return tp_matmul_output_spec(lhs_spec, rhs_spec, method, axis_name,
+                                 lhs_ndim=lhs.dim(), rhs_ndim=rhs.dim())
