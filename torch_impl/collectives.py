@@ -37,6 +37,11 @@ the implicit psum of a replicated input's cotangent / ``psum`` / ``pmax`` and th
 with the same ``source_target_pairs`` / ``replica_groups`` (``docs/design.md``, "Matching a
 collective across backends"). The pipeline's ring between stages is ``ring_permute`` too (with
 ``spec`` keeping the data-parallel dims sharded).
+
+Batch sharding: inside :func:`torch_impl.mesh.sharded_batch` (the GPT sets it), the activations
+these functions mark keep their batch dim sharded over the data axes
+(:func:`torch_impl.mesh.mark_activation`), so no collective runs over the data axes; the specs
+are fixed in the forward and reused by the backward. Outside it, every other axis replicates.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from torch.utils import _pytree as pytree
 from ringpar.rings import ring_perm  # noqa: F401  (re-export: one definition)
 
 from . import mesh as _mesh
-from . import xla
+from . import vmap_axes
 
 __all__ = ["ring_perm", "ring_permute", "axis_index", "all_gather_features",
            "reduce_scatter_features", "copy_to_axis", "reduce_from_axis", "max_from_axis",
@@ -81,25 +86,34 @@ def _shift(x: torch.Tensor, shift_up: bool, mesh, spec: tuple) -> torch.Tensor:
         y = torch.cat([x.narrow(0, n - 1, 1), x.narrow(0, 0, n - 1)], 0)
     else:
         y = torch.cat([x.narrow(0, 1, n - 1), x.narrow(0, 0, 1)], 0)
-    return xla.aot_mark_sharding(y, mesh, spec)
+    return vmap_axes.aot_constrain(y, mesh, spec)
 
 
+# The Functions below also run inside the pipeline's vmaps (torch_impl.vmap_axes):
+# generate_vmap_rule needs the setup_context form; the backward re-declares the forward's vmaps.
 class _RingShift(torch.autograd.Function):
     """Forward: one cyclic shift of dim 0; backward: the inverse shift (one permute each way)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, shift_up, mesh, spec):
-        ctx.shift_up, ctx.mesh, ctx.spec = shift_up, mesh, spec
+    def forward(x, shift_up, mesh, spec):
         return _shift(x, shift_up, mesh, spec)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.shift_up, ctx.mesh, ctx.spec = inputs
+        ctx.vmap_axes = vmap_axes.current()
+
+    @staticmethod
     def backward(ctx, grad):
-        return _shift(grad, not ctx.shift_up, ctx.mesh, ctx.spec), None, None, None
+        with vmap_axes.restored(ctx.vmap_axes):
+            return _shift(grad, not ctx.shift_up, ctx.mesh, ctx.spec), None, None, None
 
 
-def _leaf_spec(leaf: torch.Tensor, axis_name: str, spec) -> tuple:
+def _leaf_spec(leaf: torch.Tensor, axis_name: str, spec, mesh) -> tuple:
     if spec is None:
-        return _mesh.stacked_spec(leaf.dim(), axis_name)
+        return _mesh.activation_spec(tuple(leaf.shape), mesh, axis_name)
     spec = tuple(spec)
     if len(spec) != leaf.dim() or spec[0] != axis_name:
         raise ValueError(f"spec={spec!r}: expected {leaf.dim()} entries (the rank of x) starting "
@@ -117,8 +131,9 @@ def ring_permute(x: Any, axis_name: str, shift_up: bool = True, *, mesh, spec=No
         shift_up: Device j receives the value of device j-1 (mod n), else of device j+1.
         mesh: The torch_xla mesh holding ``axis_name``.
         spec: The sharding of each shifted leaf (torch only; default: dim 0 over ``axis_name``,
-            all else replicated). The pipeline passes ``(pp, data axes, None, ...)`` so the
-            data-parallel batch stays sharded through the ring.
+            all else replicated but the batch inside ``mesh.sharded_batch``). The pipeline
+            passes ``(pp, data axes, None, ...)`` so the data-parallel batch stays sharded
+            through the ring.
 
     Returns:
         The shifted pytree (``out[j] = x[j-1]`` for shift up), sharded by ``spec``.
@@ -135,8 +150,8 @@ def ring_permute(x: Any, axis_name: str, shift_up: bool = True, *, mesh, spec=No
         _check_stacked(leaf, n, axis_name, "x" if len(leaves) == 1 else f"x (leaf {i})")
     if n == 1:
         return x
-    return pytree.tree_map(
-        lambda t: _RingShift.apply(t, bool(shift_up), mesh, _leaf_spec(t, axis_name, spec)), x)
+    return pytree.tree_map(lambda t: _RingShift.apply(
+        t, bool(shift_up), mesh, _leaf_spec(t, axis_name, spec, mesh)), x)
 
 
 def axis_index(axis_name: str, *, mesh) -> torch.Tensor:
@@ -150,42 +165,60 @@ def axis_index(axis_name: str, *, mesh) -> torch.Tensor:
     return _mesh.mark_stacked(idx, mesh, axis_name)
 
 
-def _gather_last(x: torch.Tensor, mesh, axis_name: str) -> torch.Tensor:
+def _gather_last(x: torch.Tensor, mesh, axis_name: str, spec: tuple) -> torch.Tensor:
     """``[n, *S, F]`` -> ``[n, *S, n*F]``: every row is the concat of all rows (features)."""
     n, feats = x.shape[0], x.shape[-1]
     rest = tuple(x.shape[1:-1])
     y = x.movedim(0, -2).reshape(*rest, n * feats)
     y = y.unsqueeze(0).expand(n, *rest, n * feats)
-    return _mesh.mark_stacked(y, mesh, axis_name)
+    return _mesh.mark_sharding(y, mesh, spec)
 
 
 class _AllGatherFeatures(torch.autograd.Function):
-    """Forward: all-gather along the features; backward: reduce-scatter (its transpose)."""
+    """Forward: all-gather along the features; backward: reduce-scatter (its transpose).
+
+    ``spec`` (input, output and gradients alike: the feature dim is never sharded) is fixed by
+    the caller in the forward, so the backward keeps the forward's batch sharding."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, mesh, axis_name):
-        ctx.mesh, ctx.axis_name = mesh, axis_name
-        return _gather_last(x, mesh, axis_name)
+    def forward(x, mesh, axis_name, spec):
+        return _gather_last(x, mesh, axis_name, spec)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.mesh, ctx.axis_name, ctx.spec = inputs
+        ctx.vmap_axes = vmap_axes.current()
 
     @staticmethod
     def backward(ctx, grad):
-        grad = _mesh.mark_stacked(grad, ctx.mesh, ctx.axis_name)
-        out = _mesh.manual_reduce_scatter(grad, ctx.mesh, ctx.axis_name, grad.dim() - 1)
-        return out, None, None
+        with vmap_axes.restored(ctx.vmap_axes):
+            grad = _mesh.mark_sharding(grad, ctx.mesh, ctx.spec)
+            out = _mesh.manual_reduce_scatter(grad, ctx.mesh, ctx.axis_name, grad.dim() - 1,
+                                              ctx.spec)
+        return out, None, None, None
 
 
 class _ReduceScatterFeatures(torch.autograd.Function):
     """Forward: reduce-scatter along the features; backward: all-gather (its transpose)."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, mesh, axis_name):
-        ctx.mesh, ctx.axis_name = mesh, axis_name
-        x = _mesh.mark_stacked(x, mesh, axis_name)
-        return _mesh.manual_reduce_scatter(x, mesh, axis_name, x.dim() - 1)
+    def forward(x, mesh, axis_name, spec):
+        x = _mesh.mark_sharding(x, mesh, spec)
+        return _mesh.manual_reduce_scatter(x, mesh, axis_name, x.dim() - 1, spec)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.mesh, ctx.axis_name, ctx.spec = inputs
+        ctx.vmap_axes = vmap_axes.current()
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather_last(grad, ctx.mesh, ctx.axis_name), None, None
+        with vmap_axes.restored(ctx.vmap_axes):
+            return _gather_last(grad, ctx.mesh, ctx.axis_name, ctx.spec), None, None, None
 
 
 def all_gather_features(x: torch.Tensor, axis_name: str, *, mesh) -> torch.Tensor:
@@ -201,7 +234,8 @@ def all_gather_features(x: torch.Tensor, axis_name: str, *, mesh) -> torch.Tenso
         raise ValueError(f"x.shape={tuple(x.shape)}: expected [n, ..., features] (rank >= 2)")
     if n == 1:
         return x
-    return _AllGatherFeatures.apply(x, mesh, axis_name)
+    spec = _mesh.activation_spec(tuple(x.shape), mesh, axis_name)
+    return _AllGatherFeatures.apply(x, mesh, axis_name, spec)
 
 
 def reduce_scatter_features(x: torch.Tensor, axis_name: str, dim: int = -1, *,
@@ -230,15 +264,24 @@ def reduce_scatter_features(x: torch.Tensor, axis_name: str, dim: int = -1, *,
     if n == 1:
         return x
     if d == x.dim() - 1:
-        return _ReduceScatterFeatures.apply(x, mesh, axis_name)
-    moved = _mesh.mark_stacked(x.movedim(d, -1), mesh, axis_name)
-    return _ReduceScatterFeatures.apply(moved, mesh, axis_name).movedim(-1, d)
+        spec = _mesh.activation_spec(tuple(x.shape), mesh, axis_name)
+        return _ReduceScatterFeatures.apply(x, mesh, axis_name, spec)
+    moved = x.movedim(d, -1)
+    spec = _mesh.activation_spec(tuple(moved.shape), mesh, axis_name)
+    moved = _mesh.mark_sharding(moved, mesh, spec)
+    return _ReduceScatterFeatures.apply(moved, mesh, axis_name, spec).movedim(-1, d)
 
 
-def _sum_rows(x: torch.Tensor, mesh, axis_name: str) -> torch.Tensor:
-    """Stacked ``[n, *S]`` -> replicated ``S``: the sum over the devices (one all-reduce)."""
-    y = _mesh.mark_stacked(x, mesh, axis_name).sum(0)
-    return _mesh.mark_sharding(y, mesh, (None,) * y.dim())
+def _sum_rows(x: torch.Tensor, mesh, axis_name: str, activation: bool = False) -> torch.Tensor:
+    """Stacked ``[n, *S]`` -> replicated ``S``: the sum over the devices (one all-reduce).
+
+    ``activation``: keep the batch sharded (:func:`torch_impl.mesh.mark_activation`); parameter
+    gradients (``copy_to_axis``) have no batch dim."""
+    if not activation:
+        y = _mesh.mark_stacked(x, mesh, axis_name).sum(0)
+        return _mesh.mark_sharding(y, mesh, (None,) * y.dim())
+    y = _mesh.mark_activation(x, mesh, axis_name).sum(0)
+    return _mesh.mark_activation(y, mesh, None)
 
 
 def _broadcast_rows(x: torch.Tensor, n: int, mesh, axis_name: str) -> torch.Tensor:
@@ -275,7 +318,7 @@ class _ReduceFromAxis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, axis_name):
         ctx.n = x.shape[0]
-        return _sum_rows(x, mesh, axis_name)
+        return _sum_rows(x, mesh, axis_name, activation=True)
 
     @staticmethod
     def backward(ctx, grad):
@@ -322,8 +365,8 @@ def max_from_axis(x: torch.Tensor, axis_name: str, *, mesh) -> torch.Tensor:
     """
     n = axis_size(axis_name, mesh=mesh)
     _check_stacked(x, n, axis_name)
-    y = _mesh.mark_stacked(x.detach(), mesh, axis_name).amax(0)
-    return _mesh.mark_sharding(y, mesh, (None,) * y.dim())
+    y = _mesh.mark_activation(x.detach(), mesh, axis_name).amax(0)
+    return _mesh.mark_activation(y, mesh, None)
 
 
 def split_features(x: Any, num: int, argument: str = "x") -> list[Any]:

@@ -35,7 +35,9 @@ does not rewrite all-reduce + slice into a reduce-scatter: JAX's own partitioner
 shardings instead of ``shard_map``) emits the same full-size all-reduce on CPU (measured). An
 explicit reduce-scatter needs the per-device partial gradients, which the global view hides from
 a wrapper that must accept any module (including tensor-parallel ones that annotate shardings
-inside). The numbers are the same (``tests/parity/test_data_parallel_twins.py``).
+inside). The numbers are the same (``tests/parity/test_data_parallel_twins.py``). The backward
+marks the whole gradient before the slice, so the partitioner sums it where it is produced
+(an embedding's scatter-add stays local to the batch rows, as in JAX).
 
 Known torch_xla behaviours handled here: re-annotating a sharded tensor needs its annotation
 cleared first (:func:`shard_params` does); loading fresh XLA tensors with ``load_state_dict``
@@ -175,14 +177,19 @@ class _GatherMeanGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mesh, full_names, shard_names, gather_dt, scatter_dt):
-        ctx.mesh, ctx.shard_names, ctx.scatter_dt = mesh, shard_names, scatter_dt
-        ctx.param_dt = x.dtype
+        ctx.mesh, ctx.full_names, ctx.shard_names = mesh, full_names, shard_names
+        ctx.scatter_dt, ctx.param_dt = scatter_dt, x.dtype
         return _mesh.mark_sharding(_copy(x, gather_dt), mesh, full_names)
 
     @staticmethod
     def backward(ctx, grad):
-        g = _copy(grad, ctx.scatter_dt or ctx.param_dt)
-        g = _mesh.mark_sharding(g, ctx.mesh, ctx.shard_names)
+        # First the whole gradient (the sum over the data shards), then this device's slice:
+        # marking the incoming gradient sharded right away lets the partitioner split its
+        # producer on the FSDP dim instead (for an embedding's scatter-add: the batch rows are
+        # all-gathered and the indices re-laid out by all-to-alls).
+        g = _mesh.mark_sharding(_copy(grad, ctx.scatter_dt or ctx.param_dt), ctx.mesh,
+                                ctx.full_names)
+        g = _mesh.mark_sharding(g * 1, ctx.mesh, ctx.shard_names)
         return g.to(ctx.param_dt), None, None, None, None, None
 
 

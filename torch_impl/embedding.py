@@ -66,7 +66,7 @@ def vocab_parallel_lookup(ids: torch.Tensor, table: torch.Tensor, axis_name: str
     lead = (n,) + (1,) * ids.dim()
     local = ids.to(torch.int64).unsqueeze(0) - axis_index(axis_name, mesh=mesh).to(
         torch.int64).view(lead) * c
-    local = _mesh.mark_stacked(local, mesh, axis_name)
+    local = _mesh.mark_activation(local, mesh, axis_name)
     inside = (local >= 0) & (local < c)
     flat = torch.where(inside, local, torch.zeros_like(local)).reshape(n, -1)
     rows = torch.gather(table, 1, flat.unsqueeze(-1).expand(n, flat.shape[1], d))
@@ -75,7 +75,7 @@ def vocab_parallel_lookup(ids: torch.Tensor, table: torch.Tensor, axis_name: str
         rows = torch.where((ids == padding_idx).unsqueeze(0).unsqueeze(-1), rows.detach(), rows)
     rows = torch.where(inside.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype,
                                                                device=rows.device))
-    return _mesh.mark_stacked(rows, mesh, axis_name)
+    return _mesh.mark_activation(rows, mesh, axis_name)
 
 
 class VocabParallelEmbed(nn.Module):

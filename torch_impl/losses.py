@@ -113,20 +113,22 @@ def vocab_parallel_token_losses(logits: torch.Tensor, targets: torch.Tensor, axi
         Communication: one all-reduce(max) and one all-reduce(sum) forward, none backward.
     """
     n, c = logits.shape[0], logits.shape[-1]
-    x = _mesh.mark_stacked(logits.to(_stats_dtype(logits.dtype)), mesh, axis_name)
+    x = _mesh.mark_activation(logits.to(_stats_dtype(logits.dtype)), mesh, axis_name)
     lead = (n,) + (1,) * targets.dim()
     start = axis_index(axis_name, mesh=mesh).to(torch.int64).view(lead) * c
     valid = targets != ignore_index
-    local = _mesh.mark_stacked(targets.to(torch.int64).unsqueeze(0) - start, mesh, axis_name)
+    local = _mesh.mark_activation(targets.to(torch.int64).unsqueeze(0) - start, mesh, axis_name)
     in_block = valid.unsqueeze(0) & (local >= 0) & (local < c)
     safe = torch.where(in_block, local, torch.zeros_like(local))
     m = max_from_axis(x.detach().amax(-1), axis_name, mesh=mesh)
     sumexp = torch.exp(x - m.unsqueeze(0).unsqueeze(-1)).sum(-1)
     picked = torch.gather(x, -1, safe.unsqueeze(-1)).squeeze(-1)
     tgt = torch.where(in_block, picked, torch.zeros_like(picked))
-    stats = reduce_from_axis(torch.stack([sumexp, tgt, x.sum(-1)], 1), axis_name, mesh=mesh)
+    # stacked last, so that dim 1 stays the batch (kept sharded inside mesh.sharded_batch)
+    stats = reduce_from_axis(torch.stack([sumexp, tgt, x.sum(-1)], -1), axis_name, mesh=mesh)
     eps = float(label_smoothing)
-    losses = m + torch.log(stats[0]) - (1.0 - eps) * stats[1] - (eps / vocab_size) * stats[2]
+    losses = (m + torch.log(stats[..., 0]) - (1.0 - eps) * stats[..., 1]
+              - (eps / vocab_size) * stats[..., 2])
     return torch.where(valid, losses, torch.zeros_like(losses))
 
 

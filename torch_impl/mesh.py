@@ -1,5 +1,7 @@
 """Device meshes for the torch_xla SPMD backend, and the stacked-view sharding helpers.
 
+Twin: :mod:`jax_impl.mesh` (the same mesh axes and device order from a ParallelConfig).
+
 Every torch_xla call sits in :mod:`torch_impl.xla` (the one boundary module); this module adds
 the library's checks and conventions on top (mesh axes from a ParallelConfig, ValueError on bad
 input, the stacked-view spec). See ``docs/design.md``.
@@ -7,15 +9,19 @@ input, the stacked-view spec). See ``docs/design.md``.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import numpy as np
 import torch
 
-from . import xla
+from . import vmap_axes, xla
 from .configs import ParallelConfig, mesh_axis_names, mesh_axis_sizes
 
 __all__ = ["create_mesh", "check_axis", "require_spmd", "xla_device", "num_devices",
            "mark_sharding", "check_on_device", "axis_groups", "stacked_spec", "mark_stacked",
-           "manual_reduce_scatter", "compiled_hlo", "enable_spmd", "sync"]
+           "sharded_batch", "activation_spec", "mark_activation", "manual_reduce_scatter",
+           "compiled_hlo", "enable_spmd", "sync"]
 
 
 def require_spmd() -> None:
@@ -76,6 +82,8 @@ def mark_sharding(tensor: torch.Tensor, mesh, spec) -> torch.Tensor:
     spec = tuple(spec)
     if len(spec) != tensor.dim():
         raise ValueError(f"spec={spec!r} has {len(spec)} entries for a tensor of rank {tensor.dim()}")
+    if vmap_axes.is_traced(tensor):  # inside the pipeline's vmaps / scan: a traceable constraint
+        return vmap_axes.constrain(tensor, mesh, spec)
     return xla.mark_sharding(tensor, mesh, spec)
 
 
@@ -103,7 +111,63 @@ def mark_stacked(tensor: torch.Tensor, mesh, axis_name: str) -> torch.Tensor:
     return mark_sharding(tensor, mesh, stacked_spec(tensor.dim(), axis_name))
 
 
-def manual_reduce_scatter(tensor: torch.Tensor, mesh, axis_name: str, dim: int) -> torch.Tensor:
+# The innermost batch context (mesh, batch axes, batch dim of the stacked view), see sharded_batch.
+_BATCH: list[tuple] = []
+
+
+@contextlib.contextmanager
+def sharded_batch(mesh, axes, dim: int = 1):
+    """Within this context, stacked-view activations keep their batch dim sharded over ``axes``.
+
+    :func:`mark_stacked` (parameters) replicates every dim but 0. An activation of a model whose
+    batch is split over data axes (e.g. ``('dp', 'fsdp')``) would then be all-gathered over them
+    in every tensor-parallel layer; JAX's ``shard_map`` keeps each device's rows local. Inside
+    the context, :func:`mark_activation` (used by the collectives and tp layers for their
+    activations) also shards dim ``dim`` of a stacked ``[n, ...]`` tensor (dim ``dim - 1`` of an
+    unstacked one) over ``axes``, when that dim exists and its size divides. Only tensors marked
+    on this same ``mesh`` object are affected; outside any context nothing changes. Example::
+
+        with sharded_batch(mesh, ("dp", "fsdp")):      # x: [n, B, S, D/n]
+            y = tp_layer(x)                               # batch rows stay on their devices
+    """
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    if not axes:
+        raise ValueError("axes=(): expected at least one mesh axis name for the batch")
+    for a in axes:
+        check_axis(mesh, a, "axes")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim={dim!r}: expected the batch dim of the stacked view, an int >= 1")
+    _BATCH.append((mesh, axes, dim))
+    try:
+        yield
+    finally:
+        _BATCH.pop()
+
+
+def activation_spec(shape, mesh, axis_name: str | None) -> tuple:
+    """Partition spec of an activation of ``shape``: dim 0 over ``axis_name`` (None: not stacked,
+    i.e. already summed over the axis), and the batch dim over the axes of the innermost
+    :func:`sharded_batch` context of ``mesh`` (if any, and if that dim's size divides)."""
+    rank = len(shape)
+    spec = list(stacked_spec(rank, axis_name)) if axis_name is not None else [None] * rank
+    if _BATCH and _BATCH[-1][0] is mesh:
+        _, axes, dim = _BATCH[-1]
+        d = dim if axis_name is not None else dim - 1
+        size = math.prod(check_axis(mesh, a, "axes") for a in axes)
+        if 0 <= d < rank and spec[d] is None and size > 1 and shape[d] % size == 0:
+            spec[d] = axes if len(axes) > 1 else axes[0]
+    return tuple(spec)
+
+
+def mark_activation(tensor: torch.Tensor, mesh, axis_name: str | None) -> torch.Tensor:
+    """:func:`mark_stacked` for activations: also keeps the batch dim sharded inside a
+    :func:`sharded_batch` context (see :func:`activation_spec`; ``axis_name=None`` for a tensor
+    without the stacked dim)."""
+    return mark_sharding(tensor, mesh, activation_spec(tuple(tensor.shape), mesh, axis_name))
+
+
+def manual_reduce_scatter(tensor: torch.Tensor, mesh, axis_name: str, dim: int,
+                          spec=None) -> torch.Tensor:
     """Sum the stacked-view ``tensor`` over dim 0 and scatter ``dim`` in blocks over ``axis_name``.
 
     ``tensor`` is ``[n, ...]`` with dim 0 sharded over ``axis_name`` (size n). Inside a manual
@@ -111,7 +175,9 @@ def manual_reduce_scatter(tensor: torch.Tensor, mesh, axis_name: str, dim: int) 
     :func:`axis_groups` sums them and keeps block j of ``dim`` on device j; the result is
     ``[n, ...]`` with ``dim`` divided by n, dim 0 sharded again. This is the op that
     ``jax.lax.psum_scatter(tiled=True)`` emits; the automatic partitioner would instead emit an
-    all-reduce for the same global computation.
+    all-reduce for the same global computation. ``spec``: the sharding of ``tensor`` (default
+    :func:`stacked_spec`; e.g. an :func:`activation_spec` keeping the batch sharded), kept by the
+    result; ``dim`` must not be sharded by it.
     """
     n = check_axis(mesh, axis_name)
     dim = dim % tensor.dim()
@@ -120,7 +186,12 @@ def manual_reduce_scatter(tensor: torch.Tensor, mesh, axis_name: str, dim: int) 
     if tensor.shape[0] != n or tensor.shape[dim] % n:
         raise ValueError(f"tensor of shape {tuple(tensor.shape)}: expected dim 0 of size {n} and "
                          f"dim {dim} divisible by {n} (size of axis {axis_name!r})")
-    spec = stacked_spec(tensor.dim(), axis_name)
+    spec = stacked_spec(tensor.dim(), axis_name) if spec is None else tuple(spec)
+    if len(spec) != tensor.dim() or spec[0] != axis_name or spec[dim] is not None:
+        raise ValueError(f"spec={spec!r}: expected {tensor.dim()} entries starting with "
+                         f"{axis_name!r} and None at the scattered dim {dim}")
+    if vmap_axes.is_traced(tensor):  # inside the pipeline's vmaps / scan
+        return vmap_axes.reduce_scatter_region(tensor, mesh, spec, dim, axis_groups(mesh, axis_name))
     local = xla.enable_manual_sharding(tensor, mesh, spec)
     local = xla.spmd_reduce_scatter(local, dim, axis_groups(mesh, axis_name))
     full = list(tensor.shape)

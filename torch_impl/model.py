@@ -13,13 +13,21 @@ lm_head leaves the logits vocab-sharded and the loss is the vocab-parallel cross
 
 Differences from the JAX program (same numbers, different schedule / communication):
 
-- Batch: the tp layers mark their stacked outputs replicated on every other mesh axis, so the
-  batch rows are gathered over (dp, fsdp) after the embedding and every device computes all
-  rows; gradients are the same (those of the global mean loss).
-- Pipeline: stage parameters are stacked ``[pp, ...]`` and sharded over pp exactly as in JAX, but
-  the stages run one after the other on the whole batch (no GPipe micro-batch schedule): the
-  torch GPipe loop (``torch_impl.pipeline_parallel``) cannot host the tp layers, whose in-place
-  sharding annotations are not traceable inside ``scan`` / ``vmap``.
+- Batch: the forward runs inside ``torch_impl.mesh.sharded_batch(mesh, (dp, fsdp))``, so every
+  stacked activation ``[n, B, ...]`` keeps its batch dim sharded over (dp, fsdp), as JAX's
+  per-device rows: no collective over the data axes in the layers (the gradients are those of
+  the global mean loss; the partitioner sums parameter gradients over the data axes).
+- FSDP gradients: an all-reduce of the whole gradient over the data axes, then the device's
+  slice, where JAX reduce-scatters over fsdp (psum_scatter) and all-reduces over dp: the one
+  collective difference left on the pp == 1 meshes (tests/parity/test_model_twins.py). An exact
+  reduce-scatter needs each device's partial gradient, which the global view does not expose.
+- Pipeline (not a difference): with pp > 1 the blocks run in the GPipe scan of
+  ``torch_impl.pipeline_parallel.execute_pipeline`` (the schedule and ring of JAX's
+  ``PipelineModule``, ``num_microbatches``) on the stream transposed to [B, n, S, D/n]; the stage
+  is applied with ``vmap`` over the data shards and the stages, and the tp layers' annotations
+  inside see those vmapped dims through ``torch_impl.vmap_axes``. With pp == 1 the one stage runs
+  on the whole batch; with ``remat=["Block"]`` the stages run one after the other on the whole
+  batch (same numbers, no GPipe ring: no checkpoint runs inside the loop's vmaps yet).
 
 FSDP (``fsdp_modules``) and remat (``remat``) by module name ("Embed", "Block", "Head") go
 through ``torch_impl.data_parallel.prepare_module``, except the remat of "Block", which the stage
@@ -61,12 +69,13 @@ from ringpar.gpt_model_config import (GPTModelConfig, MeshSizes, check_batch, ch
                                       to_layout)
 
 from . import mesh as _mesh
-from . import xla
+from . import vmap_axes, xla
 from .collectives import reduce_scatter_features
-from .data_parallel import prepare_module
+from .data_parallel import FSDPModule, prepare_module
 from .embedding import vocab_parallel_lookup
 from .gpt import _attention_local
 from .losses import vocab_parallel_token_losses
+from .pipeline_parallel import execute_pipeline
 from .tensor_parallel import ModelParallelismWrapper, TPAsyncDense, TPDense
 
 __all__ = ["GPTModel", "build_gpt"]
@@ -125,12 +134,13 @@ class _Ctx:
         return prepare_module(module, name, par, mesh=self.mesh)
 
     def stacked(self, t: torch.Tensor) -> torch.Tensor:
-        return _mesh.mark_stacked(t, self.mesh, self.tp)
+        """An activation [n, B, ...]: dim 0 over tp, the batch over (dp, fsdp) (sharded_batch)."""
+        return _mesh.mark_activation(t, self.mesh, self.tp)
 
     def psum(self, t: torch.Tensor) -> torch.Tensor:
         """Stacked [n, ...] -> every row the sum of the rows (all-reduce over tp)."""
         s = self.stacked(t).sum(0)
-        s = _mesh.mark_sharding(s, self.mesh, (None,) * s.dim())
+        s = _mesh.mark_activation(s, self.mesh, None)
         return self.stacked(s.unsqueeze(0).expand_as(t))
 
     def layer_norm(self, x: torch.Tensor, wrapper: ModelParallelismWrapper) -> torch.Tensor:
@@ -218,7 +228,7 @@ class _Block(nn.Module):
 
 
 class _Stage(nn.Module):
-    """One pipeline stage: ``blocks_0 .. blocks_{L/pp-1}``."""
+    """One pipeline stage: ``blocks_0 .. blocks_{L/pp-1}`` on the stacked stream [n, b, S, D/n]."""
 
     def __init__(self, ctx: _Ctx):
         super().__init__()
@@ -231,6 +241,10 @@ class _Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.children():
+            if isinstance(block, FSDPModule) and vmap_axes.is_traced(x):
+                # Inside the pipeline loop every data shard holds whole stage parameters (the
+                # loop gathers them once, see _Pipeline): the FSDP gather is done, run the block.
+                block = block.__dict__["wrapped"]
             if not self.remat:
                 x = block(x)
                 continue
@@ -239,16 +253,32 @@ class _Stage(nn.Module):
             def run(h, *ts, block=block, names=names):
                 return torch.func.functional_call(block, dict(zip(names, ts)), (h,))
 
-            x = xla.checkpoint(run, x, *tensors)
+            x = _checkpoint(run, x, *tensors)
         return x
 
 
-class _Stacked(nn.Module):
-    """Holds ``sharded`` (a stage) whose parameters are stacked [pp, ...] over the stages."""
+def _checkpoint(function, *args):
+    """Remat of ``function(*args)`` (torch_xla's checkpoint, outside the pipeline loop only)."""
+    if vmap_axes.is_traced(args[0]):
+        # torch_xla's checkpoint is an autograd.Function without a vmap rule, and torch's own
+        # needs a torch.xla device module that torch 2.9 lacks (both measured): _Pipeline keeps
+        # the stages out of the loop when blocks are rematerialised.
+        raise RuntimeError("remat of a block inside the pipeline loop is not supported")
+    return xla.checkpoint(function, *args)
 
-    def __init__(self, stage: nn.Module, pp: int, device):
+
+class _Stacked(nn.Module):
+    """Holds ``sharded`` (a stage) whose parameters are stacked [pp, ...] over the stages.
+
+    ``forward(h)`` is the pipeline's stacked stage: ``h`` [pp, b, n, S, D/n] (one data shard of
+    the GPipe state, row s = stage s's input) -> row s through stage s, with ``vmap`` over the
+    stages (declared as the pp axis for the annotations inside, ``torch_impl.vmap_axes``).
+    """
+
+    def __init__(self, stage: nn.Module, pp: int, device, axis: str):
         super().__init__()
-        self.sharded = stage
+        self.sharded, self.axis = stage, axis
+        self.specs: dict[str, tuple] = {}
         for name, prm in list(stage.named_parameters()):
             owner_path, _, leaf = name.rpartition(".")
             owner = stage.get_submodule(owner_path) if owner_path else stage
@@ -256,22 +286,68 @@ class _Stacked(nn.Module):
             owner.register_parameter(leaf, nn.Parameter(
                 torch.zeros((pp, *prm.shape), dtype=prm.dtype, device=device)))
 
+    def partition_specs(self) -> dict[str, tuple]:
+        """{name: spec} of the stacked parameters for the pipeline loop (data axes dropped:
+        the loop maps the data shards itself)."""
+        return dict(self.specs)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        stage = self.sharded
+        params = dict(stage.named_parameters())
+
+        def one(ps, hs):  # hs [b, n, S, D/n] -> the stage's stacked view [n, b, S, D/n]
+            return torch.func.functional_call(stage, ps, (hs.transpose(0, 1),)).transpose(0, 1)
+
+        with vmap_axes.vmapped_axis(self.axis):
+            return torch.func.vmap(one)(params, h)
+
 
 class _Pipeline(nn.Module):
-    """``ModelParallelismWrapper_0.sharded``: the stage template; runs stage s with slice [s]."""
+    """``ModelParallelismWrapper_0.sharded``: the stage template, stacked [pp, ...].
+
+    pp > 1: GPipe (``torch_impl.pipeline_parallel.execute_pipeline``, ``num_microbatches``, the
+    same schedule and ring as JAX's ``PipelineModule``) on the stream transposed to [B, n, S,
+    D/n]; pp == 1, or ``remat`` of "Block": the stages one after the other on the whole batch
+    (same numbers; no checkpoint can run inside the loop's vmaps yet, see ``_checkpoint``).
+    """
+
+    loop = "scan"  # execute_pipeline's loop ("unrolled": every step in the graph)
 
     def __init__(self, ctx: _Ctx):
         super().__init__()
+        par = ctx.parallel
+        if (ctx.sizes.pp > 1 and "Block" in par.fsdp_modules and "Block" not in par.remat
+                and (par.fsdp_gather_dtype or par.fsdp_grad_scatter_dtype)):
+            raise ValueError(f"fsdp_gather_dtype={par.fsdp_gather_dtype!r}, fsdp_grad_scatter_dtype="
+                             f"{par.fsdp_grad_scatter_dtype!r}: with pipeline_axis_size > 1 the "
+                             f"torch pipeline gathers FSDP blocks once per step in float32; "
+                             f"expected None for both")
         self.ctx = ctx
-        self.ModelParallelismWrapper_0 = _Stacked(_Stage(ctx), ctx.sizes.pp, _mesh.xla_device())
+        self.ModelParallelismWrapper_0 = _Stacked(_Stage(ctx), ctx.sizes.pp, _mesh.xla_device(),
+                                                  ctx.sizes.names[2])
+
+    def set_param_specs(self, specs: Mapping[str, tuple]) -> None:
+        """The model's {path: spec}; the stage's entries are kept for the pipeline loop."""
+        prefix = "pipeline.ModelParallelismWrapper_0."
+        data = set(self.ctx.sizes.names[:2])
+        self.ModelParallelismWrapper_0.specs = {
+            k[len(prefix):]: tuple(None if e in data else e for e in v)
+            for k, v in specs.items() if k.startswith(prefix)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stage = self.ModelParallelismWrapper_0.sharded
-        stacked = dict(stage.named_parameters())
-        for s in range(self.ctx.sizes.pp):
-            params = {k: v[s] for k, v in stacked.items()}
-            x = torch.func.functional_call(stage, params, (x,))
-        return x
+        ctx, stacked = self.ctx, self.ModelParallelismWrapper_0
+        if ctx.sizes.pp == 1 or stacked.sharded.remat:
+            # The stages one after the other on the whole batch (same numbers, no GPipe ring):
+            # pp == 1, or remat of the blocks, which cannot run inside the loop (_checkpoint).
+            for s in range(ctx.sizes.pp):
+                params = {k: v[s] for k, v in stacked.sharded.named_parameters()}
+                x = torch.func.functional_call(stacked.sharded, params, (x,))
+            return x
+        dp, fsdp, pp, tp = ctx.sizes.names
+        y = execute_pipeline(stacked, x.transpose(0, 1), num_microbatches=ctx.cfg.num_microbatches,
+                             model_axis_name=pp, mesh=ctx.mesh, batch_axis_names=(dp, fsdp),
+                             loop=self.loop, feature_spec=(tp,) + (None,) * (x.dim() - 2))
+        return ctx.stacked(y.transpose(0, 1))
 
 
 class _Head(nn.Module):
@@ -312,6 +388,7 @@ class GPTModel(nn.Module):
         self.pipeline = _Pipeline(ctx)
         self.head = ctx.prepare(_Head(ctx), "Head")
         self._specs = layout_specs(config, self.sizes)
+        self.pipeline.set_param_specs(self._specs)
         shapes = layout_shapes(config, self.sizes)
         own = {k: tuple(p.shape) for k, p in self.named_parameters()}
         if own != shapes:  # the module tree must be exactly the documented layout
@@ -361,8 +438,9 @@ class GPTModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of ``tokens`` [B, S] against ``targets`` [B, S] (XLA tensors)."""
-        x = self.pipeline(self.embed(tokens))
-        return self.head(x, targets).mean()
+        with _mesh.sharded_batch(self.mesh, self.sizes.names[:2]):
+            x = self.pipeline(self.embed(tokens))
+            return self.head(x, targets).mean()
 
     def loss_and_grads(self, params: Mapping[str, torch.Tensor], tokens, targets):
         """Mean loss over the global batch and its gradient for every parameter.
@@ -381,7 +459,13 @@ class GPTModel(nn.Module):
             raise ValueError("params: expected the model's own parameters (model.init_params)")
         for p in own.values():
             p.grad = None
-        loss = self(self._batch(tokens), self._batch(targets))
+        batch = (self._batch(tokens), self._batch(targets))
+        compute = getattr(torch, self.config.model_config.dtype)
+        if compute == torch.float32:
+            loss = self(*batch)
+        else:  # mixed precision: float32 parameters, the step on copies in the compute dtype
+            copies = {k: p.to(compute) for k, p in own.items()}
+            loss = torch.func.functional_call(self, copies, batch)
         loss.backward()
         return loss.detach(), {k: p.grad for k, p in own.items()}
 

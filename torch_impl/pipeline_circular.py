@@ -43,7 +43,7 @@ from torch.utils import _pytree as pytree
 from ringpar import pipeline_schedule as schedule
 
 from . import mesh as _mesh
-from . import xla
+from . import vmap_axes, xla
 from .collectives import ring_permute
 from .pipeline_parallel import LOOPS, StackedStage, _batch_axes, _batch_spec, _constrain
 from .scan_random import StepRandomness, step_seeds
@@ -185,7 +185,7 @@ def _schedule_inputs(p: int, m: int, r: int, device) -> list[torch.Tensor]:
 def execute_circular_pipeline(module: nn.Module, x: torch.Tensor, *args, num_microbatches: int,
                               model_axis_name: str, mesh, num_pipeline_repeats: int = 1,
                               batch_axis_names: Sequence[str] | None = None, loop: str = "scan",
-                              **kwargs) -> torch.Tensor:
+                              feature_spec: Sequence | None = None, **kwargs) -> torch.Tensor:
     """Run the circular schedule (module docstring) on the batch ``x`` ``[B, ...]``.
 
     Args:
@@ -199,6 +199,8 @@ def execute_circular_pipeline(module: nn.Module, x: torch.Tensor, *args, num_mic
         num_pipeline_repeats: r (>= 1).
         batch_axis_names: Mesh axes the batch rows are sharded over (default ``('dp', 'fsdp')``).
         loop: ``"scan"`` (one while loop) or ``"unrolled"`` (every step in the graph).
+        feature_spec: Sharding of ``x``'s dims after the batch (default all replicated), kept
+            through the loop, e.g. ``("tp", None, None)`` for the GPT's [B, n, S, D/n] stream.
         **kwargs: Extra keyword arguments to every layer call.
 
     Returns:
@@ -222,7 +224,11 @@ def execute_circular_pipeline(module: nn.Module, x: torch.Tensor, *args, num_mic
     _check_batch(x, m, dsize, axes)
     feat, b, bspec = tuple(x.shape[1:]), x.shape[0] // (m * dsize), _batch_spec(axes)
     nf = len(feat)
-    spec = (model_axis_name, bspec, None) + (None,) * nf  # state [p, D, b, ...]
+    fspec = (None,) * nf if feature_spec is None else tuple(feature_spec)
+    if len(fspec) != nf:
+        raise ValueError(f"feature_spec={feature_spec!r}: expected {nf} entries, one per dim of "
+                         f"x after the batch")
+    spec = (model_axis_name, bspec, None) + fspec  # state [p, D, b, ...]
     def stage_index():  # [p, 1, ...]; built inside the loop body (scan traces it with fakes)
         return torch.arange(p, device=x.device).view(p, *([1] * (nf + 2)))
 
@@ -271,7 +277,9 @@ def execute_circular_pipeline(module: nn.Module, x: torch.Tensor, *args, num_mic
                 return torch.func.functional_call(module, pdict, (hs, *a), {**kw, **extra})
 
             vm = torch.func.vmap(one_shard, in_dims=(0, 1), out_dims=1, randomness="different")
-            with StepRandomness(seed) if loop == "scan" else contextlib.nullcontext():
+            # the vmapped dim is the data shard: annotations inside see it (torch_impl.vmap_axes)
+            with StepRandomness(seed) if loop == "scan" else contextlib.nullcontext(), \
+                    vmap_axes.vmapped_axis(bspec):
                 return vm(dict(zip(names, params)), h)
 
         idx = stage_index()
@@ -298,7 +306,7 @@ def execute_circular_pipeline(module: nn.Module, x: torch.Tensor, *args, num_mic
     start = schedule.step_tables(p, m, r).output_start
     # outs [steps, p, D, b, ...] is zero except on row p-1: one sum over the stage dim.
     y = outs[start:start + m].sum(dim=1).transpose(0, 1).reshape(x.shape)
-    return _constrain(y, mesh, (bspec,) + (None,) * nf)
+    return _constrain(y, mesh, (bspec,) + fspec)
 
 
 class CircularPipelineModule(nn.Module):

@@ -35,7 +35,10 @@ differentiates with respect to its carry and inputs; their gradients accumulate 
 
 Inside ``scan`` the body is traced by AOTAutograd with fake tensors and the in-place
 ``mark_sharding`` cannot run there: ``_constrain`` uses the traceable
-:func:`torch_impl.xla.mark_sharding_with_gradients`, and the ring shift between steps is
+:func:`torch_impl.xla.mark_sharding_with_gradients` (through
+:func:`torch_impl.vmap_axes.constrain_with_gradients`, which also lifts torch_xla's rank-5 limit
+on shardings), a stage's own annotations see the vmapped data and stage dims
+(:mod:`torch_impl.vmap_axes`, declared by the loop), and the ring shift between steps is
 :func:`torch_impl.collectives.ring_shift_traceable` (the same cyclic shift as ``ring_permute``,
 with traceable constraints that keep the data-parallel dims sharded).
 """
@@ -48,7 +51,7 @@ import torch
 from torch import nn
 
 from . import mesh as _mesh
-from . import xla
+from . import vmap_axes
 from .collectives import ring_permute
 
 __all__ = ["execute_pipeline_step", "execute_pipeline", "PipelineModule", "StackedStage"]
@@ -62,7 +65,7 @@ def _constrain(t: torch.Tensor, mesh, spec: Sequence) -> torch.Tensor:
     spec = tuple(spec)
     if len(spec) != t.dim():
         raise ValueError(f"spec={spec!r} has {len(spec)} entries for a tensor of rank {t.dim()}")
-    return xla.mark_sharding_with_gradients(t, mesh, spec)
+    return vmap_axes.constrain_with_gradients(t, mesh, spec)  # any rank (torch_xla: <= 5)
 
 
 def _ring_shift_up(t: torch.Tensor, mesh, spec: tuple) -> torch.Tensor:
@@ -183,6 +186,7 @@ def execute_pipeline(
     mesh,
     batch_axis_names: Sequence[str] | None = None,
     loop: str = "scan",
+    feature_spec: Sequence | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Execute a pipeline of stages on a batch of data (GPipe, see the module docstring).
@@ -204,6 +208,8 @@ def execute_pipeline(
             torch_xla 2.9's scan alone would repeat it); other random ops raise ValueError.
             ``"unrolled"``: a Python loop, every step in the graph (the program grows with m),
             random ops draw fresh numbers per step natively.
+        feature_spec: Sharding of ``x``'s dims after the batch, kept through the loop (default
+            all replicated; e.g. ``("tp", None, None)`` for a tensor-parallel stream).
         **kwargs: Additional keyword arguments to the module.
 
     Returns:
@@ -240,7 +246,7 @@ def execute_pipeline(
     return execute_circular_pipeline(module, x, *args, num_microbatches=m,
                                      model_axis_name=model_axis_name, mesh=mesh,
                                      num_pipeline_repeats=1, batch_axis_names=batch_axis_names,
-                                     loop=loop, **kwargs)
+                                     loop=loop, feature_spec=feature_spec, **kwargs)
 
 
 class StackedStage(nn.Module):
@@ -310,7 +316,9 @@ class StackedStage(nn.Module):
         def one(pr, bu, hs):
             return torch.func.functional_call(stage, {**pr, **bu}, (hs, *args), kwargs)
 
-        return torch.func.vmap(one, in_dims=(0, 0, 0), randomness="different")(params, buffers, h)
+        with vmap_axes.vmapped_axis(self.model_axis_name):  # annotations in a stage see dim 0
+            return torch.func.vmap(one, in_dims=(0, 0, 0), randomness="different")(params,
+                                                                                   buffers, h)
 
 
 class PipelineModule(nn.Module):

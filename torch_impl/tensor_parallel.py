@@ -4,8 +4,9 @@ Same public names, in the same order, as the JAX module, plus two torch-only hel
 (``Dense``, the twin of ``flax.linen.Dense``, and ``lecun_normal``). Every function and layer sees
 the stacked view of the JAX per-device values: a value of per-device shape ``S`` is a tensor
 ``[n, *S]`` on the XLA device whose dim 0 (n = size of the mesh axis ``model_axis_name``) is
-sharded over that axis and replicated over all other mesh axes. Row j is device j's value, so a
-layer's input ``x[j]`` is exactly what JAX's ``shard_map`` passes to device j.
+sharded over that axis and replicated over all other mesh axes (activations keep their batch
+dim sharded inside :func:`torch_impl.mesh.sharded_batch`, which the GPT sets). Row j is device
+j's value, so a layer's input ``x[j]`` is exactly what JAX's ``shard_map`` passes to device j.
 
 Constructors are torch-style: ``in_features, out_features`` replace JAX's ``dense_fn`` (which is
 ``functools.partial(nn.Dense, features=out_features)`` there), and the mesh is the keyword-only
@@ -231,8 +232,8 @@ class ModelParallelismWrapper(nn.Module):
             return torch.func.functional_call(module, p, a, kwargs)
 
         out = torch.func.vmap(per_device, in_dims=(0,) + (0,) * len(args))(params, *args)
-        return pytree.tree_map(lambda t: _mesh.mark_stacked(t, self.mesh, self.model_axis_name),
-                               out)
+        return pytree.tree_map(
+            lambda t: _mesh.mark_activation(t, self.mesh, self.model_axis_name), out)
 
 
 # ------------------------------------------------------------------------ replicated parameters
@@ -245,7 +246,7 @@ def _apply_replicated(module: nn.Module, x: torch.Tensor, mesh, axis_name: str) 
         return torch.func.functional_call(module, p, (a,))
 
     y = torch.func.vmap(per_device)(dict(zip(names, stacked)), x)
-    return _mesh.mark_stacked(y, mesh, axis_name)
+    return _mesh.mark_activation(y, mesh, axis_name)
 
 
 # ----------------------------------------------------------------------------------- TPDense
@@ -463,8 +464,8 @@ def async_scatter_split(xs: Sequence[PyTree], axis_name: str, *, mesh) -> PyTree
                                x_up)
         y_down = pytree.tree_map(torch.add,
                                  ring_permute(y_down, axis_name, shift_up=False, mesh=mesh), x_down)
-    return pytree.tree_map(lambda a, b: _mesh.mark_stacked(torch.cat([a, b], -1), mesh, axis_name),
-                           y_up, y_down)
+    return pytree.tree_map(
+        lambda a, b: _mesh.mark_activation(torch.cat([a, b], -1), mesh, axis_name), y_up, y_down)
 
 
 # ------------------------------------------------------------------------------- TPAsyncDense

@@ -34,7 +34,7 @@ import torch
 __all__ = ["is_spmd", "enable_spmd", "device", "device_count", "Mesh", "is_mesh", "make_mesh",
            "get_global_mesh", "set_global_mesh", "mark_sharding", "mark_sharding_with_gradients",
            "aot_mark_sharding", "sharding_text", "has_sharding", "local_shards",
-           "enable_manual_sharding", "disable_manual_sharding", "spmd_all_reduce", "spmd_reduce_scatter", "checkpoint",
+           "enable_manual_sharding", "disable_manual_sharding", "spmd_all_reduce", "spmd_reduce_scatter", "manual_reduce_scatter_op", "checkpoint",
            "clear_sharding", "scan", "sync",
            "wait_device_ops", "compiled_hlo", "graph_hash", "capture_graph", "tensor_id", "run_graph",
            "REDUCE_SUM"]
@@ -192,6 +192,46 @@ def spmd_reduce_scatter(local: torch.Tensor, dim: int, groups: list[list[int]],
     n = len(groups[0])
     return _torch_xla()._XLAC._xla_spmd_reduce_scatter(reduce_type, local, float(scale), dim, n,
                                                         groups)
+
+
+_RS_OP = None
+
+
+def manual_reduce_scatter_op(tensor: torch.Tensor, mesh, spec: Sequence, dim: int,
+                             groups: list[list[int]]) -> torch.Tensor:
+    """Enter manual sharding with ``spec``, one ``reduce-scatter`` of ``dim`` over ``groups``,
+    leave it (the result has ``dim`` divided by the group size, sharded by ``spec``).
+
+    A custom op with a shape-only fake implementation, so that it can be traced inside ``scan``
+    (whose body AOTAutograd traces with fake tensors); used by ``torch_impl.vmap_axes``."""
+    global _RS_OP
+    if _RS_OP is None:
+        _RS_OP = _define_reduce_scatter_op()
+    flat = [d for g in groups for d in g]
+    return _RS_OP(tensor, str(mesh), str(tuple(spec)), int(dim), flat, len(groups[0]))
+
+
+def _define_reduce_scatter_op():
+    @torch.library.custom_op("ringpar::manual_reduce_scatter", mutates_args=())
+    def op(t: torch.Tensor, mesh: str, spec: str, dim: int, groups: list[int],
+           size: int) -> torch.Tensor:
+        import ast
+
+        m, sp = _xs().Mesh.from_str(mesh), ast.literal_eval(spec)
+        local = enable_manual_sharding(t.clone(), m, sp)
+        local = spmd_reduce_scatter(local, dim, [groups[i:i + size]
+                                                 for i in range(0, len(groups), size)])
+        full = list(t.shape)
+        full[dim] //= size
+        return disable_manual_sharding(local, m, sp, full)
+
+    @op.register_fake
+    def _(t, mesh, spec, dim, groups, size):
+        shape = list(t.shape)
+        shape[dim] //= size
+        return t.new_empty(shape)
+
+    return op
 
 
 # ------------------------------------------------------------------------------------ remat

@@ -73,9 +73,10 @@ TORCH_ONLY: dict[tuple[str, str], tuple[set, str]] = {
                                      "parameters eagerly and needs them"),
     ("tensor_parallel", "TPAsyncDense"): ({"in_features", "out_features", "seed", "dtype"},
                                           "as TPDense"),
-    ("pipeline_parallel", "execute_pipeline"): ({"batch_axis_names", "loop"},
+    ("pipeline_parallel", "execute_pipeline"): ({"batch_axis_names", "loop", "feature_spec"},
                                                 "shard_map splits the batch per device; the global "
-                                                "view needs the data axes, and the scan/unrolled "
+                                                "view needs the data axes (and the sharding of the "
+                                                "feature dims, e.g. tp), and the scan/unrolled "
                                                 "choice works around a torch_xla scan limitation"),
     ("pipeline_parallel", "PipelineModule"): ({"batch_axis_names", "stage_name", "loop"},
                                               "as execute_pipeline; stage_name names the stacked "
