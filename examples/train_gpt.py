@@ -13,9 +13,9 @@ is not 8, axis sizes that do not divide heads / hidden / layers / batch, unknown
 stop the script with an argparse error naming the field (exit status 2), and a failed resume
 leaves the checkpoint untouched.
 
-Pieces: model ``jax_impl.model`` / ``torch_impl.model`` (parameters converted through the
-mesh-independent reference layout of ``ringpar.gpt_model_config``), optimizer ``jax_impl.optim`` /
-``torch_impl.optim`` (``ringpar.optim``), data ``ringpar.data``, checkpoints
+Pieces: the training step ``jax_impl.trainer`` / ``torch_impl.trainer`` (model ``*.model``,
+parameters converted through the mesh-independent reference layout of
+``ringpar.gpt_model_config``, optimizer ``*.optim`` / ``ringpar.optim``), data ``ringpar.data``, checkpoints
 ``ringpar.checkpoint`` (reference-layout parameters and moments: any backend, any mesh),
 progress bar ``ringpar.progress``. The log is ``{"steps": [{"step", "loss", "grad_norm",
 "tokens_per_s"}, ...], ...}``; ``loss`` of step t is the loss of the parameters before update t.
@@ -35,9 +35,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from ringpar import checkpoint as ckpt  # noqa: E402
 from ringpar.configs import ModelConfig, ParallelConfig  # noqa: E402
 from ringpar.data import VOCAB_SIZE, BatchSampler, load_corpus  # noqa: E402
-from ringpar.gpt_model_config import (check_gpt, from_layout, gpt_model_config,  # noqa: E402
-                                      init_reference, reference_shapes, to_layout)
-from ringpar.optim import OptimizerConfig, init_state  # noqa: E402
+from ringpar.gpt_model_config import (check_gpt, gpt_model_config,  # noqa: E402
+                                      init_reference, reference_shapes)
+from ringpar.optim import OptimizerConfig  # noqa: E402
 from ringpar.progress import ProgressBar  # noqa: E402
 
 NUM_DEVICES = 8
@@ -164,84 +164,13 @@ def validate(argv=None) -> Run:
 
 
 # -------------------------------------------------------------------------------- backends
-class JaxTrainer:
-    """The model, its sharded parameters and the optax state on a JAX mesh."""
-
-    def __init__(self, model: ModelConfig, optimizer: OptimizerConfig, ref: dict, opt_state):
-        import jax
-
-        from jax_impl import optim
-        from jax_impl.model import build_gpt
-
-        self.optim, self.config = optim, model
-        self.model = build_gpt(model)
-        self.params = self.model.from_reference(ref)
-        self.tx = optim.make_optimizer(optimizer)
-        state = (self.tx.init(self.params) if opt_state is None else optim.import_state(
-            self.tx, self.params, ckpt.map_moments(opt_state, self._to_layout)))
-        # Pin every sharding (moments like their parameter, counts replicated) so the update's
-        # outputs are the next step's inputs as they are: one compile of each program.
-        import optax
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        param_sh = {k: v.sharding for k, v in self.params.items()}
-        replicated = NamedSharding(self.model.mesh, PartitionSpec())
-        state_sh = optax.tree_utils.tree_set(jax.tree.map(lambda _: replicated, state),
-                                             mu=param_sh, nu=param_sh)
-        self.state = jax.device_put(state, state_sh)
-        # No buffer donation: donating the parameters crashed (segfault) when torch_xla shares
-        # the process (tests/parity/test_train_script.py); the model is small.
-        self._update = jax.jit(lambda p, g, s: optim.apply_step(self.tx, p, g, s),
-                               out_shardings=(param_sh, state_sh, replicated))
-
-    def _to_layout(self, ref):
-        return to_layout(ref, self.config, self.model.sizes)
-
-    def step(self, tokens, targets) -> tuple[float, float]:
-        loss, grads = self.model.loss_and_grads(self.params, tokens, targets)
-        self.params, self.state, norm = self._update(self.params, grads, self.state)
-        return float(loss), float(norm)
-
-    def export(self) -> tuple[dict, dict]:
-        ref = self.model.to_reference(self.params)
-        state = self.optim.export_state(self.state, self.params)
-        to_ref = lambda m: from_layout(m, self.config, self.model.sizes)  # noqa: E731
-        return ref, ckpt.map_moments(state, to_ref)
-
-
-class TorchTrainer:
-    """The model, its sharded parameters and ``torch.optim.AdamW`` on torch_xla SPMD."""
-
-    def __init__(self, model: ModelConfig, optimizer: OptimizerConfig, ref: dict, opt_state):
-        from torch_impl import mesh, optim
-        from torch_impl.model import build_gpt
-
-        mesh.enable_spmd()
-        mesh.num_devices()  # start the runtime before the first backward pass
-        self.mesh, self.optim, self.config, self.opt_config = mesh, optim, model, optimizer
-        self.model = build_gpt(model)
-        self.params = self.model.from_reference(ref)
-        self.opt = optim.make_optimizer(self.params, optimizer)
-        if opt_state is None:  # zero moments now: step 0 traces the same graph as later steps
-            opt_state = init_state(ref)
-        optim.import_state(self.opt, self.params, ckpt.map_moments(
-            opt_state, lambda m: to_layout(m, model, self.model.sizes)))
-        specs = self.model.param_specs()
-        for k, p in self.params.items():  # moments sharded like their parameter
-            for key in ("exp_avg", "exp_avg_sq"):
-                mesh.mark_sharding(self.opt.state[p][key], self.model.mesh, specs[k])
-
-    def step(self, tokens, targets) -> tuple[float, float]:
-        loss, _ = self.model.loss_and_grads(self.params, tokens, targets)
-        norm = self.optim.apply_step(self.opt, self.params, None, self.opt_config)
-        self.mesh.sync()
-        return float(loss.cpu()), float(norm.cpu())
-
-    def export(self) -> tuple[dict, dict]:
-        ref = self.model.to_reference(self.params)
-        state = self.optim.export_state(self.opt, self.params)
-        to_ref = lambda m: from_layout(m, self.config, self.model.sizes)  # noqa: E731
-        return ref, ckpt.map_moments(state, to_ref)
+def trainer_class(backend: str):
+    """``jax_impl.trainer.Trainer`` or ``torch_impl.trainer.Trainer`` (imported on demand)."""
+    if backend == "jax":
+        from jax_impl.trainer import Trainer
+    else:
+        from torch_impl.trainer import Trainer
+    return Trainer
 
 
 # ---------------------------------------------------------------------------------- training
@@ -258,8 +187,7 @@ def train(run: Run) -> dict:
         sampler.set_state(run.resume.rng)
     else:
         start, ref, opt_state = 0, init_reference(run.model.model_config, args.seed), None
-    trainer_cls = JaxTrainer if args.backend == "jax" else TorchTrainer
-    trainer = trainer_cls(run.model, run.optimizer, ref, opt_state)
+    trainer = trainer_class(args.backend)(run.model, run.optimizer, ref, opt_state)
     bar = None if args.no_progress else ProgressBar(args.steps)
     steps, t0 = [], time.perf_counter()
     for step in range(start, args.steps):

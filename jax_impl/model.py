@@ -246,7 +246,7 @@ class _GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, targets):
-        cfg, (dp, fsdp, pp, tp) = self.cfg, self.names
+        cfg, pp = self.cfg, self.names[2]
         _, _, p, n = self.sizes
         x = _prepare(_Embed, "Embed", self.parallel)(cfg, self.names, n, name="embed")(tokens)
         stage = functools.partial(_Stage, cfg, self.names, n, p, self.async_dense, self.parallel)
@@ -335,8 +335,12 @@ class GPTModel:
         dp, fsdp, pp, tp = self.sizes.names
         n = self.sizes.tp
 
+        compute = jnp.dtype(self.config.model_config.dtype)
+
         def local(params, tokens, targets):
             def loss_fn(p):
+                # Mixed precision: float32 parameters, the step on copies in the compute dtype.
+                p = {k: v.astype(compute) for k, v in p.items()}
                 # Under check_vma=False the transposes treat the program as the SUM of the
                 # per-device outputs; the tp devices of a data shard all hold the same loss, so
                 # each contributes 1/n of it (else every gradient would be n times too large).

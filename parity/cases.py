@@ -96,6 +96,9 @@ class ModuleSpec:
     # False: all-reduces over the same groups are compared by presence, not total bytes (a
     # documented, known difference of the module; see parity.compare).
     all_reduce_bytes: bool = True
+    # False: only the forward+backward program is compiled and compared (the module has no
+    # separate forward program, e.g. the training step of "gpt4d").
+    forward_signature: bool = True
 
 
 MODULES: dict[str, ModuleSpec] = {}
@@ -307,3 +310,70 @@ register(ModuleSpec(
     # off by up to atol 0.043 (rtol 0.02) measured at n2, 0.030 at n4 (GPipe cases: up to 0.053).
     elementwise={"bfloat16": (0.1, 0.02)},
     all_reduce_bytes=False))  # the output all-reduce, as for "pipeline" above
+
+
+# ------------------------------------------------------------------- 4-D-mesh GPT (issue 15)
+# The GPT of jax_impl.model / torch_impl.model trained by examples/train_gpt.py, on a mesh
+# (dp, fsdp, pp, tp) of 8 devices: axis_size = tp, options dp / fsdp / pp, variant "sync"
+# (TPDense) or "async" (TPAsyncDense); FSDP on every module when fsdp > 1. Outputs the loss,
+# gradients of every parameter in the mesh-independent reference layout. The default matrix
+# holds one variant of the four meshes without FSDP, whose compiled collectives are equal to
+# the byte; with FSDP torch reduces the gradient with an all-reduce + slice where JAX has a
+# reduce-scatter (tests/parity/test_model_twins.py checks that this is the only difference;
+# bench/gpt_matrix.py runs every mesh and variant). Micro-batches: 2 with a pipeline, 1 without
+# (the torch model does not split the batch when pp == 1; JAX would, halving every message).
+GPT4D_SIZES = dict(vocab_size=64, hidden_size=32, num_heads=8, num_layers=2, max_seq_len=16)
+GPT4D_MESHES = {(1, 1, 1, 8): "async", (8, 1, 1, 1): "sync", (1, 1, 2, 4): "sync",
+                (2, 1, 2, 2): "async"}
+
+
+def gpt4d_model_config(mesh: tuple[int, int, int, int], async_dense: bool, **sizes):
+    """The ``ModelConfig`` of the GPT on ``mesh`` (dp, fsdp, pp, tp); ``sizes`` override
+    :data:`GPT4D_SIZES`. FSDP shards every module (any size) whenever fsdp > 1."""
+    from ringpar.configs import ParallelConfig
+    from ringpar.gpt_model_config import gpt_model_config
+
+    fsdp = (dict(fsdp_modules=["Embed", "Block", "Head"], fsdp_min_weight_size=0)
+            if mesh[1] > 1 else {})
+    par = ParallelConfig(data_axis_size=mesh[0], fsdp_axis_size=mesh[1],
+                         pipeline_axis_size=mesh[2], model_axis_size=mesh[3],
+                         tp_async_dense=async_dense, **fsdp)
+    micro = {"num_microbatches": 2 if mesh[2] > 1 else 1}
+    return gpt_model_config(par, **{**GPT4D_SIZES, **micro, **sizes})
+
+
+def gpt4d_case_config(case: Case):
+    """The ``ModelConfig`` of a "gpt4d" case."""
+    mesh = (case.option("dp"), case.option("fsdp"), case.option("pp"), case.axis_size)
+    return gpt4d_model_config(mesh, case.variant == "async")
+
+
+def _gpt4d_shapes(case: Case) -> dict[str, tuple[int, ...]]:
+    from ringpar.gpt_model_config import reference_shapes
+
+    return reference_shapes(gpt4d_case_config(case).model_config)
+
+
+def gpt4d_tokens(case: Case, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and next-token targets [B, S] from the case's seeded data."""
+    v = GPT4D_SIZES["vocab_size"]
+    tokens = (np.abs(data["inputs"]["x"]) * 1000).astype(np.int64) % v
+    targets = (np.abs(data["cotangent"]["y"]) * 1000).astype(np.int64) % v
+    return tokens, targets
+
+
+register(ModuleSpec(
+    name="gpt4d", variants=("sync", "async"), param_shapes=_gpt4d_shapes,
+    input_shape=lambda c: (c.batch, GPT4D_SIZES["max_seq_len"]),
+    output_shape=lambda c: (c.batch, GPT4D_SIZES["max_seq_len"]),
+    shapes=((16, 32, 32),), axis_sizes=tuple(sorted({m[3] for m in GPT4D_MESHES})),
+    dtypes=("float32",),
+    extras=lambda variant, n: [(("dp", m[0]), ("fsdp", m[1]), ("pp", m[2]))
+                               for m, v in GPT4D_MESHES.items() if m[3] == n and v == variant],
+    forward_signature=False,
+    # Known difference: the same all-reduces (groups, order, count) but not the same bytes. The
+    # partitioner sums the replicated parameters' gradients in other pieces than JAX's psums
+    # (n8: 24576 B vs 27648 B over all 8), and the torch pipeline backward all-reduces its whole
+    # output buffer over the stages (pp2: 20480 B vs 4676 B), as for "pipeline" above. Every
+    # other collective is compared exactly (measured 2026-12-03).
+    all_reduce_bytes=False))

@@ -228,6 +228,20 @@ class PipelineStage(torch.nn.Module):
         return torch.tanh(self.Dense_0(x))
 
 
+def _pipeline_program(model: torch.nn.Module, data: dict, mesh, dtype) -> Program:
+    """The program of a pipeline case (GPipe or circular): ``model`` loaded with the case's
+    parameters in ``dtype`` and its stages sharded; input and cotangent split over the data axes."""
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in data["params"].items()})
+    model.to(dtype)
+    model.stage.shard_()
+    batch = ("dp", "fsdp")
+    x = torch.tensor(data["inputs"]["x"], dtype=dtype, device=tmesh.xla_device())
+    tmesh.mark_sharding(x, mesh, (batch, None))
+    cot = torch.tensor(data["cotangent"]["y"], dtype=dtype, device=tmesh.xla_device())
+    tmesh.mark_sharding(cot, mesh, (batch, None))
+    return Program(model, x.requires_grad_(True), cot, to_global=lambda a: a)
+
+
 def _pipeline(case: Case, data: dict) -> Program:
     import functools
 
@@ -238,15 +252,7 @@ def _pipeline(case: Case, data: dict) -> Program:
     dtype = _DTYPES[case.dtype]
     model = PipelineModule("pp", case.option("microbatches"),
                            functools.partial(PipelineStage, case.in_features), mesh=mesh)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in data["params"].items()})
-    model.to(dtype)
-    model.stage.shard_()
-    batch = ("dp", "fsdp")
-    x = torch.tensor(data["inputs"]["x"], dtype=dtype, device=tmesh.xla_device())
-    tmesh.mark_sharding(x, mesh, (batch, None))
-    cot = torch.tensor(data["cotangent"]["y"], dtype=dtype, device=tmesh.xla_device())
-    tmesh.mark_sharding(cot, mesh, (batch, None))
-    return Program(model, x.requires_grad_(True), cot, to_global=lambda a: a)
+    return _pipeline_program(model, data, mesh, dtype)
 
 
 # ----------------------------------------------------------------------------- GPT adapter
@@ -338,15 +344,38 @@ def _pipeline_circular(case: Case, data: dict) -> Program:
     model = CircularPipelineModule("pp", case.option("microbatches"),
                                    functools.partial(PipelineStage, case.in_features), mesh=mesh,
                                    num_pipeline_repeats=case.option("repeats"))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in data["params"].items()})
-    model.to(dtype)
-    model.stage.shard_()
-    batch = ("dp", "fsdp")
-    x = torch.tensor(data["inputs"]["x"], dtype=dtype, device=tmesh.xla_device())
-    tmesh.mark_sharding(x, mesh, (batch, None))
-    cot = torch.tensor(data["cotangent"]["y"], dtype=dtype, device=tmesh.xla_device())
-    tmesh.mark_sharding(cot, mesh, (batch, None))
-    return Program(model, x.requires_grad_(True), cot, to_global=lambda a: a)
+    return _pipeline_program(model, data, mesh, dtype)
 
 
 ADAPTERS["pipeline_circular"] = _pipeline_circular
+
+
+# ------------------------------------------------------------------- 4-D-mesh GPT (issue 15)
+class GPT4DProgram:
+    """The "gpt4d" case: the training step's loss + gradients (twin: jax_backend's)."""
+
+    def __init__(self, case: Case, data: dict):
+        from torch_impl.model import build_gpt
+
+        from .cases import gpt4d_case_config, gpt4d_tokens
+
+        self.model = build_gpt(gpt4d_case_config(case))
+        self.params = self.model.from_reference(data["params"])
+        self.batch = gpt4d_tokens(case, data)
+        self.hlo_text = self.model.compiled_text(self.params, *self.batch)
+        self.fwd_hlo_text = ""  # one program: forward and backward (ModuleSpec)
+
+    def step(self):
+        """Run the loss + gradients once and wait for the devices."""
+        out = self.model.loss_and_grads(self.params, *self.batch)
+        tmesh.sync(wait=True)
+        return out
+
+    def result(self) -> BackendResult:
+        """Loss and reference-layout gradients as float32 NumPy."""
+        loss, grads = self.step()
+        return BackendResult(outputs={"loss": to_numpy([loss])[0]},
+                             grads=self.model.to_reference(grads), hlo_text=self.hlo_text)
+
+
+ADAPTERS["gpt4d"] = GPT4DProgram

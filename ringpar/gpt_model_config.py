@@ -66,6 +66,7 @@ import numpy as np
 
 from .configs import ConfigDict, ModelConfig, ParallelConfig, mesh_axis_names, mesh_axis_sizes
 from .fsdp_layout import check_module_names, fsdp_shard_dim
+from .gpt_config import TransformerSizes
 from .validation import positive_int
 
 __all__ = ["GPTModelConfig", "GPT_MODULE_NAMES", "MeshSizes", "gpt_model_config", "check_gpt",
@@ -73,6 +74,7 @@ __all__ = ["GPTModelConfig", "GPT_MODULE_NAMES", "MeshSizes", "gpt_model_config"
            "from_layout", "PIPE"]
 
 GPT_MODULE_NAMES = ("Embed", "Block", "Head")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 """Module names ``ParallelConfig.fsdp_modules`` / ``remat`` may list (passed to prepare_module)."""
 
 PIPE = "pipeline.ModelParallelismWrapper_0.sharded"
@@ -80,7 +82,7 @@ PIPE = "pipeline.ModelParallelismWrapper_0.sharded"
 
 
 @dataclass(kw_only=True)
-class GPTModelConfig(ConfigDict):
+class GPTModelConfig(ConfigDict, TransformerSizes):
     """Sizes of the 4-D-mesh GPT (``ModelConfig.model_config``).
 
     Attributes:
@@ -93,8 +95,10 @@ class GPTModelConfig(ConfigDict):
         num_microbatches: GPipe micro-batches per step (the per-device batch must divide by it).
         norm_eps: LayerNorm epsilon.
         init_std: Standard deviation of the normal initial kernels and embeddings.
-        dtype: Compute dtype name. Only "float32" is implemented: "bfloat16" raises ValueError
-            (rather than silently computing in float32).
+        dtype: Compute dtype name, "float32" or "bfloat16". With "bfloat16" the parameters, the
+            gradients, the optimizer state and the loss stay float32; each step runs its forward
+            and backward on bfloat16 copies of the parameters (LayerNorm statistics, attention
+            softmax and the cross-entropy in float32), on both backends alike.
     """
 
     vocab_size: int = 128
@@ -118,20 +122,9 @@ class GPTModelConfig(ConfigDict):
             raise ValueError(f"GPTModelConfig.hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}")
 
-        if self.dtype != "float32":
-            raise ValueError(f"GPTModelConfig.dtype={self.dtype!r}: only 'float32' is implemented "
-                             f"(bfloat16 compute is not yet wired into jax_impl.model / "
-                             f"torch_impl.model)")
-
-    @property
-    def ffn(self) -> int:
-        """F, the MLP hidden size."""
-        return self.mlp_hidden_size or 4 * self.hidden_size
-
-    @property
-    def head_dim(self) -> int:
-        """D / H."""
-        return self.hidden_size // self.num_heads
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"GPTModelConfig.dtype={self.dtype!r}: expected one of "
+                             f"{COMPUTE_DTYPES}")
 
 
 class MeshSizes(NamedTuple):

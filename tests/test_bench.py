@@ -105,3 +105,35 @@ def test_compile_quick_writes_table_json_and_plot(tmp_path):
             assert row[f"{backend}_status"] in ("ok", "timeout"), row.get(f"{backend}_error")
     assert "torch/JAX first step" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "compile_first_step.png").stat().st_size > 0
+
+
+def test_gpt_matrix_compare_reports_each_bar(tmp_path, capsys):
+    """``bench.gpt_matrix --compare`` on synthetic runs: one case within every bar, one over."""
+    import json
+
+    import numpy as np
+
+    from bench import gpt_matrix
+
+    base, ok, bad = "1,1,1,1/sync", "1,1,1,8/sync", "2,2,1,2/async"
+    losses = [4.0, 3.5]
+    sig = [[["all-reduce"], 1]]
+
+    def entry(ls, s=sig):
+        return {"losses": ls, "signature": s, "param_bytes_per_device": 1, "param_bytes": 8}
+
+    jax_runs = {base: entry(losses), ok: entry(losses), bad: entry(losses)}
+    torch_runs = {ok: entry([4.0, 3.5 * (1 + 5e-6)]),
+                  bad: entry([4.0, 3.5 * (1 + 5e-5)], [[["all-gather"], 1]])}
+    (tmp_path / "jax.json").write_text(json.dumps(jax_runs))
+    (tmp_path / "torch.json").write_text(json.dumps(torch_runs))
+    w = np.ones(3, np.float32)
+    np.savez(tmp_path / "jax.npz", **{f"{n}|w": w for n in jax_runs})
+    np.savez(tmp_path / "torch.npz", **{f"{ok}|w": w, f"{bad}|w": w + 2e-4})
+    rows = gpt_matrix.compare(tmp_path)
+    out = capsys.readouterr().out
+    assert rows[ok]["jax_vs_torch_loss_rel"] <= 1e-5 < rows[bad]["jax_vs_torch_loss_rel"]
+    assert rows[ok]["signatures_equal"] and not rows[bad]["signatures_equal"]
+    assert "jax_vs_torch_loss_rel      worst 5.00e-05 (2,2,1,2/async) bar 1e-05 OVER" in out
+    assert "jax_vs_torch_param_abs     worst 2.00e-04 (2,2,1,2/async) bar 1e-04 OVER" in out
+    assert "signatures equal in 1/2 cases; differ: 2,2,1,2/async" in out

@@ -96,6 +96,9 @@ def test_unknown_module_names_fail():
         check_gpt(config((1, 8, 1, 1), parallel=dict(remat=["MLP"])), 8)
 
 
-def test_bfloat16_is_refused_not_ignored():
-    with pytest.raises(ValueError, match="GPTModelConfig.dtype='bfloat16': only 'float32'"):
-        config((1, 1, 1, 8), dtype="bfloat16")
+def test_compute_dtype_is_float32_or_bfloat16():
+    assert config((1, 1, 1, 8), dtype="bfloat16").model_config.dtype == "bfloat16"
+    for bad in ("float16", "bf16", 32):
+        with pytest.raises(ValueError, match=r"GPTModelConfig.dtype=.*expected one of "
+                                             r"\('float32', 'bfloat16'\)"):
+            config((1, 1, 1, 8), dtype=bad)
