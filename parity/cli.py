@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restrict to a dtype (repeatable; default all)")
     p.add_argument("--isolate", action="store_true",
                    help="run each backend in its own process, exchanging .npz files (needed on TPU)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run JAX across this many processes joined by jax.distributed (1 or a "
+                        "divisor of --devices; each owns devices/processes CPU devices), torch in "
+                        "this process (parity.multiprocess; not with --isolate or --jobs)")
     p.add_argument("--jobs", type=int, default=None,
                    help="worker processes: in-process mode runs whole cases in this many "
                         "processes (default: one per core, at most 4); with --isolate, 2 or more "
@@ -39,6 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", dest="markdown_path", default=None,
                    help="write a markdown report here")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--fuzz", type=int, metavar="N", default=None,
+                   help="run N random valid cases drawn from --seed instead of the matrix "
+                        "(parity.fuzz); each failure prints its --case reproducer")
+    p.add_argument("--seed", type=int, default=0, help="seed of --fuzz (default 0)")
+    p.add_argument("--case", dest="case_json", action="append", default=None, metavar="JSON",
+                   help="run exactly this case (the JSON a failure's reproducer prints; "
+                        "repeatable)")
+    p.add_argument("--self-test", action="store_true",
+                   help="plant every defect of parity.defects in a case that exposes it, print "
+                        "which were caught and the catch rate (exit 1 below 100%%)")
     return p
 
 
@@ -90,9 +104,27 @@ def main(argv: list[str] | None = None) -> int:
         return usage_error(f"--devices={args.devices}: expected a positive int")
     if args.jobs is not None and args.jobs < 1:
         return usage_error(f"--jobs={args.jobs}: expected a positive int")
-    from . import cases as cases_mod
+    if args.processes != 1:
+        from .multiprocess import check_processes
 
-    selected = cases_mod.select(cases_mod.default_matrix(), args.filter, args.dtype)
+        try:
+            check_processes(args.processes, args.devices)
+        except ValueError as exc:
+            return usage_error(f"--{exc}")
+        if args.isolate or args.jobs is not None:
+            return usage_error(f"--processes={args.processes} runs JAX in its own processes "
+                               f"already: drop --isolate/--jobs")
+    from . import cases as cases_mod
+    from . import fuzz
+
+    try:
+        chosen = fuzz.chosen_cases(args.fuzz, args.seed, args.case_json)
+    except ValueError as exc:
+        return usage_error(str(exc))
+    if args.self_test and args.devices != 8:
+        return usage_error(f"--self-test needs --devices=8 (its cases), got {args.devices}")
+    selected = cases_mod.select(chosen if chosen is not None else cases_mod.default_matrix(),
+                                args.filter, args.dtype)
     runnable = [c for c in selected if args.devices % c.axis_size == 0]
     if not runnable:
         what = f"-k {args.filter!r}" if args.filter else "the matrix"
@@ -110,15 +142,30 @@ def main(argv: list[str] | None = None) -> int:
     jobs = args.jobs or (1 if args.isolate else runner.default_jobs())
     runner.setup_devices(args.devices)
     _set_codegen_level(args.xla_opt_level)
+    if args.self_test:
+        from . import selftest
+
+        return selftest.main()
     mode = "isolated processes" if args.isolate else "in-process"
+    if args.processes > 1:
+        mode, jobs = f"JAX in {args.processes} processes, torch in-process", 1
     print(f"python -m parity: {len(runnable)} cases on {args.devices} devices ({mode}, "
           f"{jobs} job{'s' if jobs > 1 else ''})", file=sys.stderr)
     t0 = time.perf_counter()
-    reports = runner.run_cases(runnable, isolate=args.isolate, devices=args.devices, jobs=jobs,
-                               progress=_progress_printer())
+    if args.processes > 1:
+        from . import multiprocess
+
+        reports = multiprocess.run_cases(runnable, args.devices, args.processes,
+                                         progress=_progress_printer())
+    else:
+        reports = runner.run_cases(runnable, isolate=args.isolate, devices=args.devices,
+                                   jobs=jobs, progress=_progress_printer())
     seconds = time.perf_counter() - t0
     print(report.table(reports))
     print(report.summary(reports, seconds))
+    for case, rep in zip(runnable, reports):
+        if not rep.passed:
+            print(f"reproduce {case.id}: {fuzz.reproducer(case)}")
     if args.json_path:
         report.write_json(args.json_path, reports, seconds, args.devices, args.isolate)
     if args.markdown_path:

@@ -26,7 +26,7 @@ from jax_impl.mesh import create_mesh
 from .backend import BackendResult
 from .cases import Case
 
-__all__ = ["prepare", "run", "build", "Program", "ADAPTERS", "compile_shared"]
+__all__ = ["prepare", "run", "build", "Program", "ADAPTERS", "compile_shared", "to_numpy"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _COMPILED: dict = {}  # (lowered module text, argument tree) -> compiled executable
@@ -85,6 +85,21 @@ def _take(flat, path, shape, dtype):
     return jnp.asarray(flat[path], dtype=dtype)
 
 
+def to_numpy(a) -> np.ndarray:
+    """A (global) jax array as float32 NumPy.
+
+    Under ``jax.distributed`` (``python -m parity --processes N``) an array may span devices of
+    other processes; its shards are then gathered with ``process_allgather``, a collective that
+    every process must call in the same order (they all run the same cases).
+    """
+    a = jnp.asarray(a, jnp.float32)
+    if not a.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+
+
 def _unbox(tree):
     return jax.tree.map(lambda v: v.value if isinstance(v, nn.Partitioned) else v, tree,
                         is_leaf=lambda v: isinstance(v, nn.Partitioned))
@@ -141,7 +156,7 @@ class Program:
     def result(self) -> BackendResult:
         """Run once and return outputs and gradients as float32 NumPy."""
         y, gp, gx = self.step()
-        to_np = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
+        to_np = to_numpy
         grads = {k: to_np(v) for k, v in _flat(_unbox(gp)).items()}
         grads["x"] = to_np(gx)
         return BackendResult(outputs={"y": to_np(y)}, grads=grads, hlo_text=self.hlo_text,
@@ -263,7 +278,7 @@ class GPTProgram:
     def result(self) -> BackendResult:
         """Loss, logits and parameter gradients as float32 NumPy (of the compiling run)."""
         loss, logits, grads = jax.block_until_ready(self._first)
-        to_np = lambda a: np.asarray(jnp.asarray(a, jnp.float32))  # noqa: E731
+        to_np = to_numpy
         return BackendResult(outputs={"loss": to_np(loss), "logits": to_np(logits)},
                              grads={k: to_np(v) for k, v in grads.items()},
                              hlo_text=self.hlo_text, fwd_hlo_text=self.fwd_hlo_text)
@@ -316,3 +331,33 @@ def _pipeline_circular(case: Case, data: dict) -> Program:
 
 
 ADAPTERS["pipeline_circular"] = _pipeline_circular
+
+
+# ------------------------------------------------------------------- 4-D-mesh GPT (issue 15)
+class GPT4DProgram:
+    """The "gpt4d" case: the training step's loss + gradients (twin: torch_backend's)."""
+
+    def __init__(self, case: Case, data: dict):
+        from jax_impl.model import build_gpt
+
+        from .cases import gpt4d_case_config, gpt4d_tokens
+
+        self.model = build_gpt(gpt4d_case_config(case))
+        self.params = self.model.from_reference(data["params"])
+        self.batch = gpt4d_tokens(case, data)
+        self.hlo_text = self.model.compiled_text(self.params, *self.batch)
+        self.fwd_hlo_text = ""  # one program: forward and backward (ModuleSpec)
+
+    def step(self):
+        """Run the loss + gradients once and wait for the result."""
+        return jax.block_until_ready(self.model.loss_and_grads(self.params, *self.batch))
+
+    def result(self) -> BackendResult:
+        """Loss and reference-layout gradients as float32 NumPy."""
+        loss, grads = self.step()
+        grads = {k: to_numpy(v) for k, v in grads.items()}  # gathered across processes
+        return BackendResult(outputs={"loss": to_numpy(loss)},
+                             grads=self.model.to_reference(grads), hlo_text=self.hlo_text)
+
+
+ADAPTERS["gpt4d"] = GPT4DProgram

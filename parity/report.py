@@ -53,7 +53,7 @@ def write_json(path: str, reports, seconds: float, devices: int, isolate: bool) 
 def write_markdown(path: str, reports, seconds: float, devices: int, isolate: bool) -> None:
     """Write the table as markdown, with the summary line and mismatch reasons."""
     meta = _meta(seconds, devices, isolate)
-    out = [f"# ringpar parity report", "",
+    out = ["# ringpar parity report", "",
            f"{summary(reports, seconds)}; {devices} devices, "
            f"{'isolated processes' if isolate else 'in-process'}, {meta['machine']}", "",
            "Columns: normwise relative errors (output, worst gradient) against `tol`; `elem` is "
