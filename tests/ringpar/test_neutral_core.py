@@ -50,6 +50,8 @@ def test_seeds_are_checked_drawn_and_folded_deterministically():
 def test_set_cpu_devices_replaces_the_count_and_keeps_other_flags(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_force_host_platform_device_count=2")
     monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    # Restored after the test: a later torch_xla start in this process reads it.
+    monkeypatch.setenv("CPU_NUM_DEVICES", os.environ.get("CPU_NUM_DEVICES", "8"))
     devices.set_cpu_devices(4)
     assert os.environ["XLA_FLAGS"].split() == ["--xla_foo=1",
                                                "--xla_force_host_platform_device_count=4"]
