@@ -260,13 +260,18 @@ def gpt_param_shapes(case: Case) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def token_ids(values: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Integer ids in [0, vocab_size) derived from a case's seeded float draws."""
+    return (np.abs(values) * 1000).astype(np.int64) % vocab_size
+
+
 def gpt_tokens(case: Case, data: dict) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and targets [B, S] derived from the case's seeded data (same on both sides);
     targets whose cotangent draw is below -1.5 are ignored (-100)."""
     v = GPT_CONFIG["vocab_size"]
-    tokens = (np.abs(data["inputs"]["x"]) * 1000).astype(np.int64) % v
+    tokens = token_ids(data["inputs"]["x"], v)
     cot = data["cotangent"]["y"]
-    targets = (np.abs(cot) * 1000).astype(np.int64) % v
+    targets = token_ids(cot, v)
     targets[cot < -1.5] = -100
     return tokens, targets
 
@@ -357,9 +362,7 @@ def _gpt4d_shapes(case: Case) -> dict[str, tuple[int, ...]]:
 def gpt4d_tokens(case: Case, data: dict) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and next-token targets [B, S] from the case's seeded data."""
     v = GPT4D_SIZES["vocab_size"]
-    tokens = (np.abs(data["inputs"]["x"]) * 1000).astype(np.int64) % v
-    targets = (np.abs(data["cotangent"]["y"]) * 1000).astype(np.int64) % v
-    return tokens, targets
+    return token_ids(data["inputs"]["x"], v), token_ids(data["cotangent"]["y"], v)
 
 
 register(ModuleSpec(
