@@ -1,7 +1,8 @@
 """Configuration classes of the JAX backend: the framework-neutral :mod:`ringpar.configs`.
 
-Twin of ``torch_impl.configs``: both re-export the same classes, so one ParallelConfig drives
-both backends (seed: xlstm-jax ``models.configs``).
+Deliberate twin of ``torch_impl.configs`` (kept line-for-line parallel on purpose): both re-export
+the same classes, so one ParallelConfig drives both backends (seed: xlstm-jax
+``models.configs``).
 
 Example:
     >>> from jax_impl.configs import ParallelConfig

@@ -29,7 +29,6 @@ Public API (same order in the torch twin): ``default_embed_init``, ``vocab_paral
 from __future__ import annotations
 
 import functools
-import typing as tp
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ringpar.layer_args import check_vocab_split
 from ringpar.validation import positive_int
 
 from .collectives import reduce_from_axis, reduce_scatter_features
@@ -83,6 +83,9 @@ def _parallel_embed(ids, table, *, mesh, axis_name, reduce_scatter_output, scatt
                          out_specs=P(*out_spec))(ids, table)
 
 
+# Deliberate twin of torch_impl.embedding.VocabParallelEmbed, kept line-for-line parallel on
+# purpose: same constructor steps, attributes and methods (the shared checks are in
+# ringpar.layer_args).
 class VocabParallelEmbed(nnx.Module):
     """Embedding whose table is split on the vocabulary over the tensor-parallel axis.
 
@@ -121,13 +124,7 @@ class VocabParallelEmbed(nnx.Module):
         table = embedding_init(rngs.params(), (num_embeddings, features), param_dtype)
         if self.is_parallel:
             cfg = parallel_config
-            if cfg.method.is_ring:
-                raise ValueError(f"parallel_config.matmul_method={cfg.method.value!r}: an "
-                                 f"embedding lookup has no ring variant; expected None or 'plain'")
-            n = cfg.axis_size
-            if num_embeddings % n:
-                raise ValueError(f"num_embeddings={num_embeddings}: expected a multiple of the "
-                                 f"{cfg.axis_name!r} axis size {n} (vocab-parallel embedding)")
+            check_vocab_split(num_embeddings, cfg.method, cfg.axis_name, cfg.axis_size)
             spec = P(cfg.axis_name, None)
             self.embedding = nnx.Param(jax.device_put(table, NamedSharding(cfg.mesh, spec)),
                                        out_sharding=tuple(spec), mesh=cfg.mesh)

@@ -1,4 +1,4 @@
-"""Partition-spec helpers of the ParallelLinear family (EasyDeL names): twin of
+"""Partition-spec helpers of the ParallelLinear family (EasyDeL names): deliberate twin of
 :mod:`torch_impl.linear_specs`; re-exported by :mod:`jax_impl.linear`.
 
 The spec algebra itself is framework-neutral and lives in :mod:`ringpar.partition_specs` (specs

@@ -45,24 +45,13 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from ringpar.layer_args import check_loss_options
+
 from .collectives import max_from_axis, reduce_from_axis
 from .mesh import check_axis
 
 __all__ = ["cross_entropy", "vocab_parallel_token_losses", "vocab_parallel_cross_entropy",
            "VocabParallelCrossEntropy"]
-
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_options(label_smoothing, ignore_index, reduction) -> None:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
-            not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing!r}: expected a float in [0, 1]")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index={ignore_index!r}: expected an int")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
-
 
 def _check_shapes(logits, targets) -> None:
     if logits.ndim < 1 or tuple(targets.shape) != tuple(logits.shape[:-1]):
@@ -91,7 +80,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float 
     over non-ignored tokens; 0 rather than nan when every token is ignored). Computed in float32
     (or the logits dtype if wider). The reference for :func:`vocab_parallel_cross_entropy`.
     """
-    _check_options(label_smoothing, ignore_index, reduction)
+    check_loss_options(label_smoothing, ignore_index, reduction)
     _check_shapes(logits, targets)
     x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     v = x.shape[-1]
@@ -167,7 +156,7 @@ def vocab_parallel_cross_entropy(logits: jax.Array, targets: jax.Array, *, mesh:
         ValueError: bad options, shapes, a mesh without ``axis_name`` or V not divisible by its
             size.
     """
-    _check_options(label_smoothing, ignore_index, reduction)
+    check_loss_options(label_smoothing, ignore_index, reduction)
     _check_shapes(logits, targets)
     if not isinstance(mesh, Mesh):
         raise ValueError(f"mesh={mesh!r}: expected a jax.sharding.Mesh")
@@ -180,6 +169,8 @@ def vocab_parallel_cross_entropy(logits: jax.Array, targets: jax.Array, *, mesh:
                               reduction=reduction)
 
 
+# Deliberate twin of torch_impl.losses.VocabParallelCrossEntropy, kept line-for-line parallel on
+# purpose: same options and dispatch (the shared checks are in ringpar.layer_args).
 @dataclasses.dataclass(frozen=True)
 class VocabParallelCrossEntropy:
     """Callable cross-entropy with fixed options: ``loss_fn(logits, targets)``.
@@ -195,7 +186,7 @@ class VocabParallelCrossEntropy:
     reduction: str = "mean"
 
     def __post_init__(self) -> None:
-        _check_options(self.label_smoothing, self.ignore_index, self.reduction)
+        check_loss_options(self.label_smoothing, self.ignore_index, self.reduction)
         if self.mesh is not None:
             if not isinstance(self.mesh, Mesh):
                 raise ValueError(f"mesh={self.mesh!r}: expected a jax.sharding.Mesh or None")

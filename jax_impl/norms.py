@@ -43,12 +43,12 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ringpar.layer_args import SHARDINGS, check_feature_split, check_norm_args
+
 from .collectives import reduce_from_axis
 from .linear import TensorParallelConfig
 
 __all__ = ["SHARDINGS", "ParallelLayerNorm", "ParallelRMSNorm"]
-
-SHARDINGS = ("none", "sequence", "features")
 
 
 def _stats_dtype(dtype):
@@ -103,6 +103,8 @@ def _parallel_norm(x, scale, bias, *, kind, eps, sharding, mesh, axis_name, out_
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(*spec))(*args)
 
 
+# Deliberate twin of torch_impl.norms._ParallelNorm, kept line-for-line parallel on purpose: same
+# constructor steps, attributes and methods (the shared checks are in ringpar.layer_args).
 class _ParallelNorm(nnx.Module):
     _kind: tp.ClassVar[str] = "layer"
 
@@ -111,25 +113,18 @@ class _ParallelNorm(nnx.Module):
                  parallel_config: TensorParallelConfig | None = None, sharding: str = "none",
                  rngs: nnx.Rngs | None = None):
         del rngs  # deterministic init (ones / zeros); kept for the nnx constructor convention
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features={num_features!r}: expected a positive int")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
-            raise ValueError(f"epsilon={epsilon!r}: expected a float >= 0")
-        if sharding not in SHARDINGS:
-            raise ValueError(f"sharding={sharding!r}: expected one of {SHARDINGS}")
+        num_features, epsilon = check_norm_args(num_features, epsilon, sharding)
         if parallel_config is not None and not isinstance(parallel_config, TensorParallelConfig):
             raise ValueError(f"parallel_config={parallel_config!r}: expected a "
                              f"TensorParallelConfig or None")
-        self.num_features, self.epsilon = num_features, float(epsilon)
+        self.num_features, self.epsilon = num_features, epsilon
         self.use_scale, self.use_bias = bool(use_scale), bool(use_bias)
         self.dtype, self.param_dtype = dtype, param_dtype
         self.parallel_config = parallel_config
         self.is_parallel = parallel_config is not None and parallel_config.active
         self.sharding = sharding if self.is_parallel else "none"
-        if self.sharding == "features" and num_features % parallel_config.axis_size:
-            raise ValueError(f"num_features={num_features}: expected a multiple of the "
-                             f"{parallel_config.axis_name!r} axis size {parallel_config.axis_size}"
-                             f" (sharding='features')")
+        if self.sharding == "features":
+            check_feature_split(num_features, parallel_config.axis_name, parallel_config.axis_size)
 
         def param(value):
             if not self.is_parallel:

@@ -87,65 +87,58 @@ def _set_codegen_level(level: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level={level}".strip()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point. Returns 0 when every case matches, 1 on a mismatch, 2 on bad arguments."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
-        return int(exc.code or 0)
+class _UsageError(Exception):
+    """Arguments that parse but do not fit together: ``main`` prints the usage line and this
+    message to stderr and exits 2, as argparse does for arguments it rejects itself."""
 
-    def usage_error(msg: str) -> int:
-        parser.print_usage(sys.stderr)
-        print(f"python -m parity: error: {msg}", file=sys.stderr)
-        return 2
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """--devices, --jobs and --processes, before any case is built."""
     if args.devices < 1:
-        return usage_error(f"--devices={args.devices}: expected a positive int")
+        raise _UsageError(f"--devices={args.devices}: expected a positive int")
     if args.jobs is not None and args.jobs < 1:
-        return usage_error(f"--jobs={args.jobs}: expected a positive int")
+        raise _UsageError(f"--jobs={args.jobs}: expected a positive int")
     if args.processes != 1:
         from .multiprocess import check_processes
 
         try:
             check_processes(args.processes, args.devices)
         except ValueError as exc:
-            return usage_error(f"--{exc}")
+            raise _UsageError(f"--{exc}") from exc
         if args.isolate or args.jobs is not None:
-            return usage_error(f"--processes={args.processes} runs JAX in its own processes "
-                               f"already: drop --isolate/--jobs")
+            raise _UsageError(f"--processes={args.processes} runs JAX in its own processes "
+                              f"already: drop --isolate/--jobs")
+
+
+def _select_cases(args: argparse.Namespace) -> list:
+    """The cases to run: the matrix (or --fuzz / --case), filtered by -k and --dtype, less those
+    whose axis size does not divide --devices (said on stderr)."""
     from . import cases as cases_mod
     from . import fuzz
 
     try:
         chosen = fuzz.chosen_cases(args.fuzz, args.seed, args.case_json)
     except ValueError as exc:
-        return usage_error(str(exc))
+        raise _UsageError(str(exc)) from exc
     if args.self_test and args.devices != 8:
-        return usage_error(f"--self-test needs --devices=8 (its cases), got {args.devices}")
+        raise _UsageError(f"--self-test needs --devices=8 (its cases), got {args.devices}")
     selected = cases_mod.select(chosen if chosen is not None else cases_mod.default_matrix(),
                                 args.filter, args.dtype)
     runnable = [c for c in selected if args.devices % c.axis_size == 0]
     if not runnable:
         what = f"-k {args.filter!r}" if args.filter else "the matrix"
-        return usage_error(f"no case of {what} (dtype {args.dtype or 'any'}) runs on "
-                           f"--devices={args.devices} (axis sizes must divide the device count)")
+        raise _UsageError(f"no case of {what} (dtype {args.dtype or 'any'}) runs on "
+                          f"--devices={args.devices} (axis sizes must divide the device count)")
     if len(runnable) < len(selected):
         print(f"python -m parity: skipping {len(selected) - len(runnable)} cases whose axis size "
               f"does not divide --devices={args.devices}", file=sys.stderr)
-    if args.list:
-        print("\n".join(c.id for c in runnable))
-        return 0
+    return runnable
 
-    from . import report, runner
 
-    jobs = args.jobs or (1 if args.isolate else runner.default_jobs())
-    runner.setup_devices(args.devices)
-    _set_codegen_level(args.xla_opt_level)
-    if args.self_test:
-        from . import selftest
+def _run_cases(args: argparse.Namespace, runnable: list, jobs: int) -> tuple[list, float]:
+    """Run the cases in the mode the arguments ask for; their reports and the seconds taken."""
+    from . import runner
 
-        return selftest.main()
     mode = "isolated processes" if args.isolate else "in-process"
     if args.processes > 1:
         mode, jobs = f"JAX in {args.processes} processes, torch in-process", 1
@@ -160,7 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         reports = runner.run_cases(runnable, isolate=args.isolate, devices=args.devices,
                                    jobs=jobs, progress=_progress_printer())
-    seconds = time.perf_counter() - t0
+    return reports, time.perf_counter() - t0
+
+
+def _write_reports(args: argparse.Namespace, runnable: list, reports: list,
+                   seconds: float) -> None:
+    """The table and summary on stdout, a reproducer per failed case, and the --json /
+    --markdown files."""
+    from . import fuzz, report
+
     print(report.table(reports))
     print(report.summary(reports, seconds))
     for case, rep in zip(runnable, reports):
@@ -170,4 +171,44 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(args.json_path, reports, seconds, args.devices, args.isolate)
     if args.markdown_path:
         report.write_markdown(args.markdown_path, reports, seconds, args.devices, args.isolate)
+
+
+def _run(args: argparse.Namespace, runnable: list) -> int:
+    """Set up the devices and the codegen level, then run --self-test or the selected cases."""
+    from . import runner
+
+    jobs = args.jobs or (1 if args.isolate else runner.default_jobs())
+    runner.setup_devices(args.devices)
+    _set_codegen_level(args.xla_opt_level)
+    if args.self_test:
+        from . import selftest
+
+        return selftest.main()
+    reports, seconds = _run_cases(args, runnable, jobs)
+    _write_reports(args, runnable, reports, seconds)
     return 0 if all(r.passed for r in reports) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Returns 0 when every case matches, 1 on a mismatch, 2 on bad arguments.
+
+    Example::
+
+        main(["-k", "tpdense-gather-n2", "--list"])  # prints the two case ids, returns 0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
+        return int(exc.code or 0)
+    try:
+        _check_counts(args)
+        runnable = _select_cases(args)
+    except _UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"python -m parity: error: {exc}", file=sys.stderr)
+        return 2
+    if args.list:
+        print("\n".join(c.id for c in runnable))
+        return 0
+    return _run(args, runnable)

@@ -35,6 +35,7 @@ import typing as tp
 import torch
 from torch import nn
 
+from ringpar.layer_args import check_vocab_split
 from ringpar.validation import positive_int
 
 from . import mesh as _mesh
@@ -78,6 +79,8 @@ def vocab_parallel_lookup(ids: torch.Tensor, table: torch.Tensor, axis_name: str
     return _mesh.mark_activation(rows, mesh, axis_name)
 
 
+# Deliberate twin of jax_impl.embedding.VocabParallelEmbed, kept line-for-line parallel on purpose:
+# same constructor steps, attributes and methods (the shared checks are in ringpar.layer_args).
 class VocabParallelEmbed(nn.Module):
     """Embedding whose table is split on the vocabulary over the tensor-parallel axis.
 
@@ -130,13 +133,7 @@ class VocabParallelEmbed(nn.Module):
                              f"expected a tensor of shape {(num_embeddings, features)}")
         if self.is_parallel:
             cfg = parallel_config
-            if cfg.method.is_ring:
-                raise ValueError(f"parallel_config.matmul_method={cfg.method.value!r}: an "
-                                 f"embedding lookup has no ring variant; expected None or 'plain'")
-            n = cfg.axis_size
-            if num_embeddings % n:
-                raise ValueError(f"num_embeddings={num_embeddings}: expected a multiple of the "
-                                 f"{cfg.axis_name!r} axis size {n} (vocab-parallel embedding)")
+            check_vocab_split(num_embeddings, cfg.method, cfg.axis_name, cfg.axis_size)
             table = table.to(_mesh.xla_device())
         self.embedding = nn.Parameter(table)
         if self.is_parallel:

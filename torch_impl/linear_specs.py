@@ -1,4 +1,4 @@
-"""Partition-spec helpers of the ParallelLinear family (EasyDeL names): twin of
+"""Partition-spec helpers of the ParallelLinear family (EasyDeL names): deliberate twin of
 :mod:`jax_impl.linear_specs`; re-exported by :mod:`torch_impl.linear`. A spec is a tuple with one
 entry (None, an axis name, or a tuple of names) per dim.
 

@@ -25,25 +25,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ringpar.layer_args import check_loss_options
+
 from . import mesh as _mesh
 from .array_utils import to_stacked
 from .collectives import axis_index, max_from_axis, reduce_from_axis
 
 __all__ = ["cross_entropy", "vocab_parallel_token_losses", "vocab_parallel_cross_entropy",
            "VocabParallelCrossEntropy"]
-
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _check_options(label_smoothing, ignore_index, reduction) -> None:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or \
-            not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing={label_smoothing!r}: expected a float in [0, 1]")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index={ignore_index!r}: expected an int")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}: expected one of {REDUCTIONS}")
-
 
 def _check_shapes(logits, targets) -> None:
     for name, t in (("logits", logits), ("targets", targets)):
@@ -79,7 +68,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
     over non-ignored tokens; 0 rather than nan when every token is ignored), in float32 (or the
     logits dtype if wider). The reference for :func:`vocab_parallel_cross_entropy`.
     """
-    _check_options(label_smoothing, ignore_index, reduction)
+    check_loss_options(label_smoothing, ignore_index, reduction)
     _check_shapes(logits, targets)
     x = logits.to(_stats_dtype(logits.dtype))
     v = x.shape[-1]
@@ -146,7 +135,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,
         ValueError: bad options or shapes, tensors not on the XLA device, a mesh without
             ``axis_name`` or V not divisible by its size.
     """
-    _check_options(label_smoothing, ignore_index, reduction)
+    check_loss_options(label_smoothing, ignore_index, reduction)
     _check_shapes(logits, targets)
     n = _mesh.check_axis(mesh, axis_name)
     _mesh.check_on_device(logits, "logits")
@@ -161,6 +150,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *,
     return _reduce(losses, targets != ignore_index, reduction)
 
 
+# Deliberate twin of jax_impl.losses.VocabParallelCrossEntropy, kept line-for-line parallel on
+# purpose: same options and dispatch (the shared checks are in ringpar.layer_args).
 class VocabParallelCrossEntropy(nn.Module):
     """Cross-entropy module with fixed options: ``loss_fn(logits, targets)``.
 
@@ -171,7 +162,7 @@ class VocabParallelCrossEntropy(nn.Module):
     def __init__(self, mesh=None, axis_name: str = "tp", label_smoothing: float = 0.0,
                  ignore_index: int = -100, reduction: str = "mean"):
         super().__init__()
-        _check_options(label_smoothing, ignore_index, reduction)
+        check_loss_options(label_smoothing, ignore_index, reduction)
         if mesh is not None:
             _mesh.check_axis(mesh, axis_name)
         self.mesh, self.axis_name = mesh, axis_name

@@ -39,6 +39,8 @@ import typing as tp
 import torch
 from torch import nn
 
+from ringpar.layer_args import SHARDINGS, check_feature_split, check_norm_args
+
 from . import mesh as _mesh
 from . import xla
 from .array_utils import from_stacked, to_stacked
@@ -46,8 +48,6 @@ from .collectives import reduce_from_axis
 from .linear import TensorParallelConfig
 
 __all__ = ["SHARDINGS", "ParallelLayerNorm", "ParallelRMSNorm"]
-
-SHARDINGS = ("none", "sequence", "features")
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +82,8 @@ def _affine(xhat, scale, bias, out_dtype):
     return y.to(out_dtype)
 
 
+# Deliberate twin of jax_impl.norms._ParallelNorm, kept line-for-line parallel on purpose: same
+# constructor steps, attributes and methods (the shared checks are in ringpar.layer_args).
 class _ParallelNorm(nn.Module):
     _kind: tp.ClassVar[str] = "layer"
 
@@ -92,25 +94,18 @@ class _ParallelNorm(nn.Module):
                  seed: int | None = None):
         super().__init__()
         del seed  # deterministic init (ones / zeros); kept for the constructor convention
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features={num_features!r}: expected a positive int")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or epsilon < 0:
-            raise ValueError(f"epsilon={epsilon!r}: expected a float >= 0")
-        if sharding not in SHARDINGS:
-            raise ValueError(f"sharding={sharding!r}: expected one of {SHARDINGS}")
+        num_features, epsilon = check_norm_args(num_features, epsilon, sharding)
         if parallel_config is not None and not isinstance(parallel_config, TensorParallelConfig):
             raise ValueError(f"parallel_config={parallel_config!r}: expected a "
                              f"TensorParallelConfig or None")
-        self.num_features, self.epsilon = num_features, float(epsilon)
+        self.num_features, self.epsilon = num_features, epsilon
         self.use_scale, self.use_bias = bool(use_scale), bool(use_bias)
         self.dtype, self.param_dtype = dtype, param_dtype
         self.parallel_config = parallel_config
         self.is_parallel = parallel_config is not None and parallel_config.active
         self.sharding = sharding if self.is_parallel else "none"
-        if self.sharding == "features" and num_features % parallel_config.axis_size:
-            raise ValueError(f"num_features={num_features}: expected a multiple of the "
-                             f"{parallel_config.axis_name!r} axis size {parallel_config.axis_size}"
-                             f" (sharding='features')")
+        if self.sharding == "features":
+            check_feature_split(num_features, parallel_config.axis_name, parallel_config.axis_size)
         device = _mesh.xla_device() if self.is_parallel else None
         for name, use, fill in (("scale", self.use_scale, 1.0), ("bias", self.use_bias, 0.0)):
             if use:

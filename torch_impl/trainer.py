@@ -38,6 +38,8 @@ from .model import build_gpt
 __all__ = ["Trainer"]
 
 
+# Deliberate twin of jax_impl.trainer.Trainer, kept line-for-line parallel on purpose: same steps,
+# attributes and method order.
 class Trainer:
     """The model, its sharded parameters and ``torch.optim.AdamW`` on torch_xla SPMD.
 

@@ -10,31 +10,10 @@ import pytest
 from flax import nnx
 
 from jax_impl import optim
-from ringpar.optim import OptimizerConfig, init_state, reference_step
+from tests.optim_problem import CONFIG, problem, reference
 
-# clip engages on steps 0-4 (grad norm 5.9 .. 3.6 > 3) and not after; 5 warmup steps.
-CONFIG = OptimizerConfig(peak_lr=0.3, warmup_steps=5, total_steps=20, min_lr_ratio=0.1,
-                         weight_decay=0.1, clip_norm=3.0)
 # Worst |jax - reference| over the 20 steps, measured 5.0e-7 (float32 vs float64): margin 4x.
 ATOL = 2e-6
-
-
-def _problem():
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(8, 4)), 3 * rng.normal(size=(8, 3))
-    params = {"lin.kernel": rng.normal(size=(4, 3)), "lin.bias": np.zeros(3)}
-    return x, y, params
-
-
-def _reference(steps=20):
-    x, y, p = _problem()
-    state, out = init_state(p), []
-    for _ in range(steps):
-        r = x @ p["lin.kernel"] + p["lin.bias"] - y
-        grads = {"lin.kernel": x.T @ r / len(x), "lin.bias": r.sum(0) / len(x)}
-        p, state, norm = reference_step(p, grads, state, CONFIG)
-        out.append((p, norm))
-    return out
 
 
 def _loss(params, x, y):
@@ -43,7 +22,7 @@ def _loss(params, x, y):
 
 
 def test_twenty_steps_match_reference():
-    x, y, p0 = _problem()
+    x, y, p0 = problem()
     x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
     params = {k: jnp.asarray(v, jnp.float32) for k, v in p0.items()}
     tx = optim.make_optimizer(CONFIG)
@@ -55,7 +34,7 @@ def test_twenty_steps_match_reference():
         return optim.apply_step(tx, params, grads, state)
 
     norms, worst = [], 0.0
-    for want, want_norm in _reference():
+    for want, want_norm in reference():
         params, state, norm = step(params, state)
         norms.append(float(norm))
         assert float(norm) == pytest.approx(want_norm, rel=1e-5)

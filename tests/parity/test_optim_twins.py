@@ -11,20 +11,16 @@ import pytest
 import torch
 
 from jax_impl import optim as jopt
-from ringpar.optim import OptimizerConfig
+from tests.optim_problem import CONFIG, problem
 from torch_impl import mesh as tmesh
 from torch_impl import optim as topt
 
-CONFIG = OptimizerConfig(peak_lr=0.3, warmup_steps=5, total_steps=20, min_lr_ratio=0.1,
-                         weight_decay=0.1, clip_norm=3.0)
 # Worst |jax - torch(XLA)| of parameters and moments over 20 steps, measured 4.8e-7: margin 4x.
 ATOL = 2e-6
 
 
 def _problem():
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(8, 4)), 3 * rng.normal(size=(8, 3))
-    params = {"lin.kernel": rng.normal(size=(4, 3)), "lin.bias": np.zeros(3)}
+    x, y, params = problem()
     return x.astype(np.float32), y.astype(np.float32), params
 
 

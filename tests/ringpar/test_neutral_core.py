@@ -19,9 +19,15 @@ def test_ring_perm_is_a_cyclic_shift_and_down_inverts_up(n):
     assert sorted((t, s) for s, t in up) == sorted(down)
 
 
+def test_ring_perm_pairs():
+    assert rings.ring_perm(4) == [(0, 1), (1, 2), (2, 3), (3, 0)]
+    assert rings.ring_perm(4, shift_up=False) == [(1, 0), (2, 1), (3, 2), (0, 3)]
+    assert rings.ring_perm(1) == [(0, 0)]
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, "4"])
 def test_ring_perm_rejects_bad_sizes(bad):
-    with pytest.raises(ValueError, match="n="):
+    with pytest.raises(ValueError, match=r"n=.*expected a positive int"):
         rings.ring_perm(bad)
 
 

@@ -1,9 +1,10 @@
-"""ringpar.partition_specs (spec algebra on plain tuples) and ringpar.linear_args (the
-ParallelLinear argument rules both backends share): no framework needed.
+"""ringpar.partition_specs (spec algebra on plain tuples), ringpar.linear_args (the
+ParallelLinear argument rules both backends share) and the doctests of ringpar.layer_args (the
+norm / embedding / loss rules): no framework needed.
 
 The backends' wrappers (``get_matmul_output_sharding`` etc.) are checked against real shardings
-in tests/jax/test_linear.py and tests/torch/test_linear.py; here the neutral functions are
-checked on their own, with numpy as the independent oracle for the device order.
+in tests/jax/test_linear_config.py and tests/torch/test_linear_config.py; here the neutral
+functions are checked on their own, with numpy as the independent oracle for the device order.
 
 Checked to fail (2026-12-03, scratch copies): swapping ``used.update`` and ``out.append`` in
 ``matmul_output_spec`` made six of the seven ``test_matmul_output_spec`` cases and the doctests
@@ -20,7 +21,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ringpar import linear_args, partition_specs
+from ringpar import layer_args, linear_args, partition_specs
 from ringpar.linear_args import check_tp_sizes, resolve_out_features, resolve_scale
 from ringpar.matmul_methods import MatrixMultiplyMethod as M
 from ringpar.partition_specs import (axes_of, candidate_specs, matmul_output_spec,
@@ -30,7 +31,7 @@ from ringpar.partition_specs import (axes_of, candidate_specs, matmul_output_spe
 NAMES = ("dp", "fsdp", "pp", "tp")
 
 
-@pytest.mark.parametrize("module", [partition_specs, linear_args])
+@pytest.mark.parametrize("module", [partition_specs, linear_args, layer_args])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -41,6 +41,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from parity import hlo  # noqa: E402
+from tests.torch.parallelize_helpers import parallel_grads, rel  # noqa: E402
 
 import transformers  # noqa: E402  (installed in the venv: this test must run, never skip)
 
@@ -117,12 +118,6 @@ def shifted(labels):
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
 
 
-def rel(a, ref) -> float:
-    a, ref = a.detach().to("cpu", torch.float64), ref.detach().to("cpu", torch.float64)
-    assert a.shape == ref.shape, (a.shape, ref.shape)
-    return float((a - ref).abs().max() / max(float(ref.abs().max()), 1e-30))
-
-
 def reference(model, ids, labels):
     model.zero_grad(set_to_none=True)
     out = model(ids, labels=labels)
@@ -130,22 +125,6 @@ def reference(model, ids, labels):
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     return out.logits.detach(), out.loss.detach(), grads
-
-
-def migrated_grads(tp_model):
-    """Gradients of the migrated model under the original names and layouts."""
-    from torch_impl.parallelize_layers import origin_of
-
-    out = {}
-    for name, mod in tp_model.named_modules():
-        origin = origin_of(mod)
-        for pname, p in mod.named_parameters(recurse=False):
-            g = p.grad.detach().cpu()
-            if origin is not None:
-                (oname, lay), = [(o, lay) for o, (n, lay) in origin.items() if n == pname]
-                pname, g = oname, lay.to_original(g, is_bias=g.dim() == 1)
-            out[f"{name}.{pname}"] = g
-    return out
 
 
 def run_migrated(tp_model, mesh, ids, labels, device, hlo_text=False):
@@ -181,7 +160,7 @@ def test_llama_migration_matches_original(plan_name, tp, make_torch_mesh, xla_de
     logits, loss, _ = run_migrated(tp_model, torch_mesh, ids, labels, xla_device)
     assert rel(logits, ref_logits) <= TOL
     assert rel(loss, ref_loss) <= TOL
-    grads = migrated_grads(tp_model)
+    grads = parallel_grads(tp_model)
     assert set(grads) == set(ref_grads)
     worst = {k: rel(grads[k], ref_grads[k]) for k in ref_grads}
     assert max(worst.values()) <= TOL, {k: v for k, v in worst.items() if v > TOL}

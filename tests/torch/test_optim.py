@@ -8,43 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from ringpar.optim import OptimizerConfig, init_state, reference_step
 from torch_impl import optim
+from tests.optim_problem import CONFIG, problem, reference
 
-# The problem and config of tests/jax/test_optim.py: the clip engages on steps 0-4, not after.
-CONFIG = OptimizerConfig(peak_lr=0.3, warmup_steps=5, total_steps=20, min_lr_ratio=0.1,
-                         weight_decay=0.1, clip_norm=3.0)
 # Worst |torch - reference| over the 20 steps, measured 3.7e-7 on the CPU and 2.7e-7 on the
 # XLA device (float32 vs float64): margin > 5x.
 ATOL = 2e-6
 
 
-def _problem():
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(8, 4)), 3 * rng.normal(size=(8, 3))
-    params = {"lin.kernel": rng.normal(size=(4, 3)), "lin.bias": np.zeros(3)}
-    return x, y, params
-
-
-def _reference(steps=20):
-    x, y, p = _problem()
-    state, out = init_state(p), []
-    for _ in range(steps):
-        r = x @ p["lin.kernel"] + p["lin.bias"] - y
-        grads = {"lin.kernel": x.T @ r / len(x), "lin.bias": r.sum(0) / len(x)}
-        p, state, norm = reference_step(p, grads, state, CONFIG)
-        out.append((p, norm))
-    return out
-
-
 def _run(device, sync=lambda: None):
-    x, y, p0 = _problem()
+    x, y, p0 = problem()
     x, y = (torch.tensor(a, dtype=torch.float32, device=device) for a in (x, y))
     params = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float32, device=device))
               for k, v in p0.items()}
     opt = optim.make_optimizer(params, CONFIG)
     norms, worst = [], 0.0
-    for want, want_norm in _reference():
+    for want, want_norm in reference():
         opt.zero_grad(set_to_none=True)
         r = x @ params["lin.kernel"] + params["lin.bias"] - y
         (0.5 * torch.sum(r * r) / x.shape[0]).backward()
