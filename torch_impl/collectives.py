@@ -297,16 +297,23 @@ class _CopyToAxis(torch.autograd.Function):
     pipeline does not combine them).
     """
 
+    generate_vmap_rule = True  # runs inside torch_impl.data_parallel's vmap over data shards
+
     @staticmethod
-    def forward(ctx, n, mesh, axis_name, *leaves):
-        ctx.n, ctx.mesh, ctx.axis_name = n, mesh, axis_name
-        ctx.shapes = [tuple(t.shape) for t in leaves]
+    def forward(n, mesh, axis_name, *leaves):
         return tuple(_broadcast_rows(t, n, mesh, axis_name) for t in leaves)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.n, ctx.mesh, ctx.axis_name = inputs[:3]
+        ctx.shapes = [tuple(t.shape) for t in inputs[3:]]
+        ctx.vmap_axes = vmap_axes.current()
+
+    @staticmethod
     def backward(ctx, *grads):
-        flat = torch.cat([g.reshape(ctx.n, -1) for g in grads], 1)
-        flat = _sum_rows(flat, ctx.mesh, ctx.axis_name)
+        with vmap_axes.restored(ctx.vmap_axes):
+            flat = torch.cat([g.reshape(ctx.n, -1) for g in grads], 1)
+            flat = _sum_rows(flat, ctx.mesh, ctx.axis_name)
         sizes = [math.prod(s) for s in ctx.shapes]
         out = [g.reshape(s) for g, s in zip(torch.split(flat, sizes), ctx.shapes)]
         return (None, None, None, *out)
@@ -315,10 +322,15 @@ class _CopyToAxis(torch.autograd.Function):
 class _ReduceFromAxis(torch.autograd.Function):
     """Forward: all-reduce (sum over the devices); backward: broadcast to every device (no comm)."""
 
+    generate_vmap_rule = True  # runs inside torch_impl.data_parallel's vmap over data shards
+
     @staticmethod
-    def forward(ctx, x, mesh, axis_name):
-        ctx.n = x.shape[0]
+    def forward(x, mesh, axis_name):
         return _sum_rows(x, mesh, axis_name, activation=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.n = inputs[0].shape[0]
 
     @staticmethod
     def backward(ctx, grad):

@@ -26,18 +26,14 @@ its sharding annotation, so ``state_dict`` keys, shapes and values equal the JAX
 - :func:`prepare_module`: FSDP for ``config.fsdp_modules``, then remat (:class:`RematModule`,
   torch_xla's checkpoint with optimization barriers) for ``config.remat``.
 
-Compiled collectives (measured on 8 CPU devices, ``tests/torch/test_data_parallel.py``): forward
-one ``all-gather`` over the FSDP axis per sharded parameter, the same op and groups as JAX.
-Backward: the partitioner sums the full-size gradient with an ``all-reduce`` over the FSDP axis
-and keeps the device's slice, then all-reduces the slice over the data axis (JAX: one
-``reduce-scatter`` over the FSDP axis, then the same data-axis all-reduce). XLA's CPU pipeline
-does not rewrite all-reduce + slice into a reduce-scatter: JAX's own partitioner (``jit`` with
-shardings instead of ``shard_map``) emits the same full-size all-reduce on CPU (measured). An
-explicit reduce-scatter needs the per-device partial gradients, which the global view hides from
-a wrapper that must accept any module (including tensor-parallel ones that annotate shardings
-inside). The numbers are the same (``tests/parity/test_data_parallel_twins.py``). The backward
-marks the whole gradient before the slice, so the partitioner sums it where it is produced
-(an embedding's scatter-add stays local to the batch rows, as in JAX).
+Compiled collectives (measured on 8 CPU devices, ``tests/torch/test_data_parallel.py``), the same
+as JAX's (``tests/parity/test_data_parallel_twins.py``): forward one ``all-gather`` over the FSDP
+axis per sharded parameter; backward one ``reduce-scatter`` over it, then an ``all-reduce`` of the
+slice over the other data axes. For that :class:`FSDPModule` runs its module per data shard
+when the batch is sharded over the FSDP axis (:mod:`torch_impl.fsdp_rows`: in the global view a
+gradient is already the sum over the batch, and the partitioner alone all-reduces it whole and
+slices it). Otherwise (batch not sharded over the FSDP axis, or its layout unknown) the module
+runs in the global view (:func:`gather_params`: same numbers, that all-reduce + slice).
 
 Known torch_xla behaviours handled here: re-annotating a sharded tensor needs its annotation
 cleared first (:func:`shard_params` does); loading fresh XLA tensors with ``load_state_dict``
@@ -64,6 +60,7 @@ from torch.utils import _pytree as pytree
 
 from ringpar.fsdp_layout import check_module_name, fsdp_shard_dim, sharded_names
 
+from . import fsdp_rows
 from . import mesh as _mesh
 from . import xla
 from .configs import ParallelConfig
@@ -167,9 +164,7 @@ def shard_params(params: PyTree, axis_name: str, min_weight_size: int = 2**18, *
     return pytree.tree_map(split, params, is_leaf=_is_partitioned)
 
 
-def _copy(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A new lazy tensor (so an annotation does not touch ``x``), cast to ``dtype`` if given."""
-    return x.to(dtype) if dtype is not None and dtype != x.dtype else x * 1
+_copy = fsdp_rows.copy_cast
 
 
 class _GatherMeanGrads(torch.autograd.Function):
@@ -363,9 +358,13 @@ class _Transparent(nn.Module):
 class FSDPModule(_Transparent):
     """``module`` with its large parameters sharded over ``axis_name`` (see :func:`shard_params`).
 
-    ``forward(*args, **kwargs)`` gathers them (:func:`gather_params`) and runs ``module`` with
-    the gathered values (``torch.func.functional_call``). ``fsdp_names`` maps each sharded
-    parameter's name to its partition names.
+    ``forward(*args, **kwargs)`` gathers them and runs ``module`` with the gathered values
+    (``torch.func.functional_call``). When every tensor argument is positional and its batch
+    dim is sharded over ``axis_name`` (read from its annotation, or the output of another
+    FSDPModule), the module runs per data shard under ``vmap`` and the gradients are
+    reduce-scattered (module docstring); outputs are joined again on the batch dim (that of an
+    argument of the same rank, else the one dim of the per-shard batch size). ``fsdp_names``
+    maps each sharded parameter's name to its partition names.
     """
 
     def __init__(self, module: nn.Module, axis_name: str, min_weight_size: int = 2**18,
@@ -392,13 +391,22 @@ class FSDPModule(_Transparent):
             _mesh.mark_sharding(p, self.mesh, names)
 
     def forward(self, *args, **kwargs):
+        layout = (fsdp_rows.batch_layout(args, kwargs, self.axis_name, mesh=self.mesh)
+                  if self.fsdp_names else None)
+        if layout is None:
+            return self._gathered_call(args, kwargs)
+        return fsdp_rows.per_shard_call(self.wrapped, self.fsdp_names, self.axis_name,
+                                        self.gather_dtype, self.grad_scatter_dtype, args, kwargs,
+                                        layout, mesh=self.mesh)
+
+    def _gathered_call(self, args, kwargs):
+        """The global view: gathered parameters, gradients summed by the partitioner."""
         params = {k: Partitioned(p, self.fsdp_names[k]) if k in self.fsdp_names else p
                   for k, p in self.wrapped.named_parameters()}
         gathered = gather_params(params, self.axis_name, self.gather_dtype,
                                  self.grad_scatter_dtype, mesh=self.mesh)
         gathered = {k: v.value if _is_partitioned(v) else v for k, v in gathered.items()}
         return torch.func.functional_call(self.wrapped, gathered, args, kwargs)
-
 
 class RematModule(_Transparent):
     """``module`` with activation rematerialisation: its forward is recomputed in the backward.
@@ -418,6 +426,7 @@ class RematModule(_Transparent):
         anchor = torch.zeros((0,), device=xla.device(), requires_grad=True)
 
         def run(_anchor, *a):
-            return self.wrapped(*a, **kwargs)
+            return self.wrapped(*fsdp_rows.keep_batch_layout(args, a), **kwargs)
 
         return xla.checkpoint(run, anchor, *args)
+

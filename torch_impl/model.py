@@ -17,10 +17,9 @@ Differences from the JAX program (same numbers, different schedule / communicati
   stacked activation ``[n, B, ...]`` keeps its batch dim sharded over (dp, fsdp), as JAX's
   per-device rows: no collective over the data axes in the layers (the gradients are those of
   the global mean loss; the partitioner sums parameter gradients over the data axes).
-- FSDP gradients: an all-reduce of the whole gradient over the data axes, then the device's
-  slice, where JAX reduce-scatters over fsdp (psum_scatter) and all-reduces over dp: the one
-  collective difference left on the pp == 1 meshes (tests/parity/test_model_twins.py). An exact
-  reduce-scatter needs each device's partial gradient, which the global view does not expose.
+- FSDP gradients (not a difference): reduce-scattered over fsdp, then all-reduced over dp, as
+  JAX's psum_scatter + sync_gradients: an FSDP module runs per data shard and the pipeline loop
+  takes its stage parameters as per-shard rows (``torch_impl.data_parallel``).
 - Pipeline (not a difference): with pp > 1 the blocks run in the GPipe scan of
   ``torch_impl.pipeline_parallel.execute_pipeline`` (the schedule and ring of JAX's
   ``PipelineModule``, ``num_microbatches``) on the stream transposed to [B, n, S, D/n]; the stage
@@ -73,6 +72,7 @@ from . import vmap_axes, xla
 from .collectives import reduce_scatter_features
 from .data_parallel import FSDPModule, prepare_module
 from .embedding import vocab_parallel_lookup
+from .fsdp_rows import keep_batch_layout
 from .gpt import _attention_local
 from .losses import vocab_parallel_token_losses
 from .pipeline_parallel import execute_pipeline
@@ -250,7 +250,8 @@ class _Stage(nn.Module):
                 continue
             names, tensors = zip(*block.named_parameters())
 
-            def run(h, *ts, block=block, names=names):
+            def run(h, *ts, block=block, names=names, src=x):
+                h = keep_batch_layout([src], [h])[0]  # FSDP per data shard on recompute
                 return torch.func.functional_call(block, dict(zip(names, ts)), (h,))
 
             x = _checkpoint(run, x, *tensors)

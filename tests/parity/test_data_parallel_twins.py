@@ -8,9 +8,10 @@ A two-layer MLP (Flax ``Dense`` / torch_impl ``Dense``, kernels [32, 128] and [1
 2. with the JAX weights loaded into torch, the loss and every parameter gradient agree (the JAX
    side per device + ``sync_gradients``, the torch side the global mean): fp32 normwise relative
    error <= FP32_TOL;
-3. collectives: the forward all-gathers are identical (kind and replica groups); the backward
-   differs (JAX: reduce-scatter over fsdp; torch_xla's CPU partitioner: all-reduce of the full
-   gradient over fsdp, then a slice), marked as a known difference (strict xfail).
+3. collectives: the compiled programs have the same signature (``parity.hlo.signature``): per
+   kernel one all-gather over fsdp in the forward, one reduce-scatter over fsdp in the backward
+   (torch: ``FSDPModule`` runs the module per data shard, so each shard's partial gradient is
+   reduce-scattered explicitly, as ``psum_scatter``), then the all-reduce over dp.
 """
 
 import functools
@@ -153,10 +154,9 @@ def test_forward_all_gathers_match(xla_device):
     assert len(_gathers(j_text)) == 2
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "torch_xla's CPU partitioner sums an FSDP gradient with an all-reduce of the full gradient "
-    "over the fsdp rings plus a slice; JAX emits one reduce-scatter (psum_scatter). Same numbers."))
-def test_collective_signatures_match(xla_device):
-    j_text, t_text = run_jax(False)[4], run_torch(False, xla_device)[3]
-    assert hlo.signature(j_text, merge_all_reduces=True) == hlo.signature(t_text,
-                                                                          merge_all_reduces=True)
+@pytest.mark.parametrize("remat", [False, True], ids=["plain", "remat"])
+def test_collective_signatures_match(xla_device, remat):
+    j_text, t_text = run_jax(remat)[4], run_torch(remat, xla_device)[3]
+    j_sig = hlo.signature(j_text, merge_all_reduces=True)
+    assert j_sig == hlo.signature(t_text, merge_all_reduces=True)
+    assert j_sig[("reduce-scatter", (), "{{0,1,2,3},{4,5,6,7}}")] == 2  # one per kernel

@@ -109,15 +109,18 @@ def test_fsdp_matches_unsharded(xla_device, fsdp):
     assert names == {"Dense_0.kernel": (None, "fsdp"), "Dense_1.kernel": ("fsdp", None)}
     assert shards["Dense_0.kernel"] == (D, H // fsdp) and shards["Dense_1.kernel"] == (H // fsdp, D)
     assert shards["Dense_0.bias"] == (H,)
-    # Forward: one all-gather per kernel over the fsdp rings (as JAX). Backward: the partitioner
-    # all-reduces each full kernel gradient over the fsdp rings and slices (JAX: reduce-scatter),
-    # then all-reduces the slice over dp when dp > 1 (JAX: the same, from sync_gradients).
+    # Forward: one all-gather per kernel over the fsdp rings; backward: one reduce-scatter per
+    # kernel over the same rings, then (dp > 1) an all-reduce of the slice over dp: JAX's
+    # psum_scatter + sync_gradients. No full-size kernel gradient is all-reduced.
     ops = hlo.collectives(text)
     fsdp_groups = {c.replica_groups for c in ops if c.kind == "all-gather"}
     assert sum(c.kind == "all-gather" for c in ops) == 2 and len(fsdp_groups) == 1
-    assert sum(c.kind == "reduce-scatter" for c in ops) == 0
+    scatters = [c for c in ops if c.kind == "reduce-scatter"]
+    assert len(scatters) == 2 and {c.replica_groups for c in scatters} == fsdp_groups
     full_kernel = D * H * 4
-    assert sum(c.kind == "all-reduce" and c.result_bytes == full_kernel for c in ops) == 2
+    assert not any(c.kind == "all-reduce" and c.result_bytes == full_kernel for c in ops)
+    slices = sum(c.kind == "all-reduce" and c.result_bytes == full_kernel // fsdp for c in ops)
+    assert slices == (2 if fsdp < 8 else 0)
 
 
 def test_per_device_parameter_bytes(xla_device):
