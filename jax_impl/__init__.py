@@ -8,7 +8,8 @@ framework-neutral) can be used without JAX installed.
 
 import importlib
 
-_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel", "linear",
+_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel",
+               "async_collectives", "linear",
                "linear_ring", "linear_specs", "pipeline_parallel",
                "pipeline_circular", "embedding", "losses", "norms", "gpt",
                "data_parallel", "model", "optim")

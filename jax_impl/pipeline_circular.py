@@ -19,7 +19,7 @@ diagram)::
     buffer = write_back(...)          # device 0 parks the returning micro-batch
 
 With r = 1 (GPipe) no micro-batch returns: the micro-batches are loop inputs and there is no
-buffer.
+buffer. After the loop, ``assemble_output`` turns the last stage's results into ``[B, ...]``.
 
 The loop is an ``nn.scan`` (parameters broadcast, ``dropout`` rngs split per step), so the
 program does not grow with m or r: one forward permute in the loop body, one backward permute
@@ -47,8 +47,8 @@ from .collectives import axis_index, ring_permute
 from .mesh import bound_axis_size
 
 __all__ = ["RepeatedStage", "read_buffer", "inject_microbatch", "run_resident_stage",
-           "collect_output", "rotate",
-           "write_back", "execute_circular_pipeline", "CircularPipelineModule"]
+           "collect_output", "rotate", "write_back", "assemble_output",
+           "execute_circular_pipeline", "CircularPipelineModule"]
 
 
 class RepeatedStage(nn.Module):
@@ -130,6 +130,17 @@ def write_back(buffer, state, write_slot, write_active, stage_index):
     return jax.lax.dynamic_update_index_in_dim(buffer, new, write_slot, axis=0)
 
 
+def assemble_output(outs, output_start: int, num_microbatches: int, shape):
+    """The batch ``[B, ...]`` from the steps' ``collect_output`` results ``outs`` (first dim: step).
+
+    Steps ``output_start .. output_start + m - 1`` hold micro-batches ``0 .. m-1`` (on both
+    backends). Here each is this device's ``[B/m, ...]``: the last device's result, zeros on the
+    others (a caller that wants it everywhere psums over the pipeline axis; the torch twin's
+    stacked view sums its stage dim instead).
+    """
+    return jnp.reshape(outs[output_start:output_start + num_microbatches], shape)
+
+
 # ---------------------------------------------------------------------------------- the loop
 def _varying(x: jax.Array, axis_name: str) -> jax.Array:
     """``x`` typed as varying over ``axis_name`` (scan carries differ per stage)."""
@@ -184,7 +195,7 @@ def execute_circular_pipeline(module: nn.Module, x: jax.Array, *args, num_microb
     else:
         carry = (state, _varying(micro, model_axis_name))
 
-    def step(mdl, carry, row):
+    def step(mdl, carry, row):  # one step of the schedule (docs/design.md)
         state, buffer = carry
         repeat, read_slot, read_active, write_slot, write_active = row[:5]
         fresh = row[5] if r == 1 else read_buffer(buffer, read_slot, read_active)
@@ -199,8 +210,7 @@ def execute_circular_pipeline(module: nn.Module, x: jax.Array, *args, num_microb
     _, outs = nn.scan(step, variable_broadcast={"params": True},
                       split_rngs={"params": False, "dropout": True}, length=len(xs[0]),
                       in_axes=0, out_axes=0)(module, carry, xs)
-    outs = outs[tables.output_start:tables.output_start + m]
-    return jnp.reshape(outs, x.shape)
+    return assemble_output(outs, tables.output_start, m, x.shape)
 
 
 class CircularPipelineModule(nn.Module):

@@ -29,11 +29,11 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from .collectives import axis_index, ring_permute
+from .collectives import axis_index
 from .mesh import bound_axis_size
-from .pipeline_circular import execute_circular_pipeline
+from .pipeline_circular import (collect_output, execute_circular_pipeline, inject_microbatch,
+                                rotate, run_resident_stage)
 
 __all__ = ["execute_pipeline_step", "execute_pipeline", "PipelineModule"]
 
@@ -78,17 +78,10 @@ def execute_pipeline_step(
     if state.shape != input.shape or state.dtype != input.dtype:
         raise ValueError(f"input has shape {input.shape} and dtype {input.dtype}: expected the "
                          f"shape {state.shape} and dtype {state.dtype} of state")
-    # Stage 0 reads the micro-batch; the others read what the previous stage sent.
-    h = jnp.where(stage_index == 0, input, state)
-    h = module(h, *args, **kwargs)
-    if not hasattr(h, "shape") or h.shape != state.shape or h.dtype != state.dtype:
-        raise ValueError(
-            f"module output has shape {getattr(h, 'shape', type(h).__name__)} and dtype "
-            f"{getattr(h, 'dtype', None)}: expected the shape {state.shape} and dtype "
-            f"{state.dtype} of its input (pipeline stages must preserve the shape)")
-    output = jnp.where(stage_index == num_stages - 1, h, jnp.zeros_like(h))
-    new_state = ring_permute(h, model_axis_name, shift_up=True)
-    return new_state, output
+    # The named steps of the schedule (jax_impl.pipeline_circular), one step, one repeat.
+    h = inject_microbatch(state, input, stage_index)
+    h = run_resident_stage(module, h, 0, 1, *args, **kwargs)
+    return rotate(h, model_axis_name), collect_output(h, stage_index, num_stages)
 
 
 @jax.named_scope("pipeline")

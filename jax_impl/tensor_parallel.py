@@ -16,7 +16,8 @@ Modes (``tp_mode``; with n == 1 every mode falls back to ``"none"``):
 
 ``TPDense`` uses ``jax.lax.all_gather`` / ``psum_scatter``. ``TPAsyncDense`` replaces them by n-1
 ring steps (``ppermute``), one sub-module per step, so that each step's matmul can overlap the next
-step's communication:
+step's communication (the ring helpers ``async_gather*`` / ``async_scatter*`` live in
+:mod:`jax_impl.async_collectives` and are re-exported here):
 
 - gather: ``xs = async_gather(_bidirectional)(x)`` where ``xs[i]`` is the input of device
   ``d - i (mod n)``; ``y = sum_i shard_i(xs[i])``. Each ``shard_i`` kernel is ``[F/n, O]``.
@@ -47,7 +48,7 @@ As ``state_dict`` keys (paths joined by '.'): ``module.sharded.kernel``, ``shard
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -56,8 +57,9 @@ import jax.numpy as jnp
 from flax.core.frozen_dict import FrozenDict
 
 from .array_utils import fold_rng_over_axis, stack_params, unstack_params
-from .collectives import (all_gather_features, reduce_scatter_features, ring_permute,
-                          split_features)
+from .async_collectives import (async_gather, async_gather_bidirectional,  # noqa: F401
+                                async_gather_split, async_scatter, async_scatter_split)
+from .collectives import all_gather_features, reduce_scatter_features
 from .mesh import axis_size
 
 __all__ = ["ModelParallelismWrapper", "scale_init", "TPDense", "TPAsyncDense", "async_gather",
@@ -68,9 +70,12 @@ PyTree = Any
 TP_MODES = ("scatter", "gather", "none")
 
 
-def _check_tp_mode(tp_mode: str) -> None:
+def _mode_in_effect(tp_mode: str, model_axis_name: str) -> tuple[int, str]:
+    """``(n, mode)``: ValueError for an unknown ``tp_mode``; every mode is "none" when n == 1."""
     if tp_mode not in TP_MODES:
         raise ValueError(f"tp_mode={tp_mode!r}: expected one of {TP_MODES}")
+    n = axis_size(model_axis_name)
+    return n, (tp_mode if n > 1 else "none")
 
 
 class ModelParallelismWrapper(nn.Module):
@@ -124,6 +129,19 @@ def scale_init(init_fn: Callable, scale_factor: float = 1.0) -> Callable:
     return _init_fn
 
 
+def _sharded_dense(layer: nn.Module, name: str, use_bias: bool) -> ModelParallelismWrapper:
+    """``layer.dense_fn`` wrapped over the model axis with the adjusted kernel init (TPDense's
+    ``dense_name`` child, TPAsyncDense's ``shard_i``); must be called inside ``layer``."""
+    return ModelParallelismWrapper(
+        model_axis_name=layer.model_axis_name,
+        module_fn=functools.partial(
+            layer.dense_fn, kernel_init=scale_init(layer.kernel_init,
+                                                   layer.kernel_init_adjustment)),
+        module_kwargs=FrozenDict({"use_bias": use_bias}),
+        name=name,
+    )
+
+
 class TPDense(nn.Module):
     """Dense layer with tensor parallelism through ``all_gather`` / ``psum_scatter``.
 
@@ -156,18 +174,10 @@ class TPDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to the per-device input ``x``."""
-        _check_tp_mode(self.tp_mode)
-        n = axis_size(self.model_axis_name)
-        tp_mode = self.tp_mode if n > 1 else "none"
+        n, tp_mode = _mode_in_effect(self.tp_mode, self.model_axis_name)
         if tp_mode == "none":
             return self.dense_fn(kernel_init=self.kernel_init, use_bias=self.use_bias)(x)
-        dense = ModelParallelismWrapper(
-            model_axis_name=self.model_axis_name,
-            module_fn=functools.partial(
-                self.dense_fn, kernel_init=scale_init(self.kernel_init, self.kernel_init_adjustment),
-                use_bias=self.use_bias),
-            name=self.dense_name,
-        )
+        dense = _sharded_dense(self, self.dense_name, self.use_bias)
         if tp_mode == "gather":
             if not self.skip_communication:
                 x = all_gather_features(x, self.model_axis_name)
@@ -179,137 +189,6 @@ class TPDense(nn.Module):
             raise ValueError(f"dense_fn output features={y.shape[-1]}: expected a number divisible "
                              f"by the size {n} of axis {self.model_axis_name!r} for tp_mode='scatter'")
         return reduce_scatter_features(y, self.model_axis_name)
-
-
-def async_gather(x: PyTree, axis_name: str, shift_up: bool = True) -> list[PyTree]:
-    """All-gather by n-1 ring permutations.
-
-    Args:
-        x: Per-device pytree.
-        axis_name: The axis to gather over (size n).
-        shift_up: Send from device j to j+1 (else to j-1).
-
-    Returns:
-        List of n per-device pytrees: element i is ``x`` of device ``d - i`` (shift up) or ``d + i``
-        (shift down), mod n, on device d. Element 0 is ``x`` itself.
-    """
-    n = axis_size(axis_name)
-    ps = [x]
-    for _ in range(1, n):
-        ps.append(ring_permute(ps[-1], axis_name, shift_up=shift_up))
-    return ps
-
-
-def async_gather_bidirectional(x: jax.Array, axis_name: str, shift_up: bool = True) -> list[jax.Array]:
-    """All-gather by ring permutations in both directions (ceil((n-1)/2) up, floor((n-1)/2) down).
-
-    Steps alternate: odd steps shift the "up" chain, even steps the "down" chain, so each value
-    travels at most n/2 hops.
-
-    Args:
-        x: Per-device array (or pytree).
-        axis_name: The axis to gather over (size n).
-        shift_up: Order the result like ``async_gather(x, axis_name, shift_up)``.
-
-    Returns:
-        The same list, in the same order, as :func:`async_gather` with the same ``shift_up``.
-    """
-    n = axis_size(axis_name)
-    ups, downs = [], []
-    p_up = p_down = x
-    for step in range(1, n):
-        if step % 2:
-            p_up = ring_permute(p_up, axis_name, shift_up=True)
-            ups.append(p_up)
-        else:
-            p_down = ring_permute(p_down, axis_name, shift_up=False)
-            downs.append(p_down)
-    # ups[k-1] comes from d-k and downs[k-1] from d+k = d-(n-k).
-    if shift_up:
-        return [x] + ups + downs[::-1]
-    return [x] + downs + ups[::-1]
-
-
-def async_gather_split(x: jax.Array, axis_name: str) -> list[jax.Array]:
-    """All-gather with the features split in halves, one half travelling each way round the ring.
-
-    Args:
-        x: Per-device array ``[..., F]`` (or pytree); F must be even when n > 1.
-        axis_name: The axis to gather over (size n).
-
-    Returns:
-        List of length ``2n - 1`` on device d: ``[x, lo(d-1), ..., lo(d-n+1), hi(d+1), ...,
-        hi(d+n-1)]`` (indices mod n), where ``lo(e)`` / ``hi(e)`` are the first / second half of the
-        features ``[..., F/2]`` of device e's ``x``. Element 0 is the full local ``x``; each other
-        device's input appears once, split across the two halves. For n == 1: ``[x]``.
-    """
-    n = axis_size(axis_name)
-    if n == 1:
-        return [x]
-    lo, hi = split_features(x, 2, argument="x")
-    return [x] + async_gather(lo, axis_name, shift_up=True)[1:] + async_gather(
-        hi, axis_name, shift_up=False)[1:]
-
-
-def _check_scatter_inputs(xs: Sequence[PyTree], axis_name: str) -> int:
-    n = axis_size(axis_name)
-    if len(xs) != n:
-        raise ValueError(f"len(xs)={len(xs)}: expected one input per device, the size {n} of axis "
-                         f"{axis_name!r}")
-    return n
-
-
-def async_scatter(xs: Sequence[PyTree], axis_name: str, shift_up: bool = True) -> PyTree:
-    """Scatter-sum by n-1 ring permutations (the ring form of ``psum_scatter``).
-
-    Args:
-        xs: n per-device pytrees of equal structure and shapes. With ``shift_up``, ``xs[i]`` of
-            device e is added into the result of device ``e - 1 - i (mod n)`` (shift down: ``e + 1
-            + i``). So ``xs[i] = z[block (d-1-i) mod n]`` on each device d reproduces
-            ``psum_scatter(z, tiled=True)``.
-        axis_name: The axis to scatter over (size n).
-        shift_up: Send partial sums from device j to j+1 (else to j-1).
-
-    Returns:
-        The per-device sum, shaped like ``xs[0]``.
-
-    Raises:
-        ValueError: if ``len(xs)`` is not the axis size.
-    """
-    _check_scatter_inputs(xs, axis_name)
-    y = xs[0]
-    for x in xs[1:]:
-        y = jax.tree.map(jnp.add, ring_permute(y, axis_name, shift_up=shift_up), x)
-    return y
-
-
-def async_scatter_split(xs: Sequence[PyTree], axis_name: str) -> PyTree:
-    """Scatter-sum with the features split: the first ``F//2`` go up the ring, the rest down.
-
-    Args:
-        xs: n per-device pytrees ``[..., F]``. The first ``F//2`` features of ``xs[i]`` of device e
-            go to device ``e - 1 - i``, the other ``F - F//2`` to device ``e + 1 + i`` (mod n).
-        axis_name: The axis to scatter over (size n).
-
-    Returns:
-        The per-device sum ``[..., F]``.
-
-    Raises:
-        ValueError: if ``len(xs)`` is not the axis size.
-    """
-    _check_scatter_inputs(xs, axis_name)
-
-    def halves(x):
-        lo = jax.tree.map(lambda a: a[..., : a.shape[-1] // 2], x)
-        hi = jax.tree.map(lambda a: a[..., a.shape[-1] // 2:], x)
-        return lo, hi
-
-    y_up, y_down = halves(xs[0])
-    for x in xs[1:]:
-        x_up, x_down = halves(x)
-        y_up = jax.tree.map(jnp.add, ring_permute(y_up, axis_name, shift_up=True), x_up)
-        y_down = jax.tree.map(jnp.add, ring_permute(y_down, axis_name, shift_up=False), x_down)
-    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=-1), y_up, y_down)
 
 
 class TPAsyncDense(nn.Module):
@@ -348,22 +227,13 @@ class TPAsyncDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the layer to the per-device input ``x``."""
-        _check_tp_mode(self.tp_mode)
-        n = axis_size(self.model_axis_name)
-        tp_mode = self.tp_mode if n > 1 else "none"
+        n, tp_mode = _mode_in_effect(self.tp_mode, self.model_axis_name)
         if tp_mode == "none":
             return self.dense_fn(kernel_init=self.kernel_init, use_bias=self.use_bias,
                                  name="shard_0")(x)
 
-        def shard(i: int) -> nn.Module:
-            return ModelParallelismWrapper(
-                model_axis_name=self.model_axis_name,
-                module_fn=functools.partial(
-                    self.dense_fn,
-                    kernel_init=scale_init(self.kernel_init, self.kernel_init_adjustment)),
-                module_kwargs=FrozenDict({"use_bias": i == 0 and self.use_bias}),
-                name=f"shard_{i}",
-            )
+        def shard(i: int) -> nn.Module:  # one dense per ring step, the bias on shard_0 only
+            return _sharded_dense(self, f"shard_{i}", i == 0 and self.use_bias)
 
         if tp_mode == "gather":
             gather = async_gather_bidirectional if self.use_bidirectional_gather else async_gather

@@ -6,9 +6,10 @@ framework-neutral) can be used without torch installed.
 
 import importlib
 
-_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel", "linear",
+_SUBMODULES = ("configs", "mesh", "array_utils", "collectives", "tensor_parallel",
+               "async_collectives", "dense", "linear",
                "linear_ring", "linear_specs", "pipeline_parallel",
-               "pipeline_circular", "embedding", "losses", "norms", "gpt",
+               "pipeline_circular", "pipeline_loop", "embedding", "losses", "norms", "gpt",
                "parallelize", "data_parallel", "parallelize_layers", "styles",
                "plans", "model", "optim", "cached_step", "scan_random", "xla")
 

@@ -1,7 +1,10 @@
 """Tensor-parallel dense layers in the global "stacked" view (twin of jax_impl.tensor_parallel).
 
 Same public names, in the same order, as the JAX module, plus two torch-only helpers at the end
-(``Dense``, the twin of ``flax.linen.Dense``, and ``lecun_normal``). Every function and layer sees
+(``Dense``, the twin of ``flax.linen.Dense``, and ``lecun_normal``, both from
+:mod:`torch_impl.dense`). The ring helpers ``async_gather*`` / ``async_scatter*`` live in
+:mod:`torch_impl.async_collectives` (twin of :mod:`jax_impl.async_collectives`) and are
+re-exported here. Every function and layer sees
 the stacked view of the JAX per-device values: a value of per-device shape ``S`` is a tensor
 ``[n, *S]`` on the XLA device whose dim 0 (n = size of the mesh axis ``model_axis_name``) is
 sharded over that axis and replicated over all other mesh axes (activations keep their batch
@@ -40,12 +43,14 @@ Parameters (``state_dict`` keys = the JAX parameter paths joined by '.', same sh
   ``shard_0.sharded.bias`` ``[n, O]``; none or n == 1: ``shard_0.kernel`` / ``shard_0.bias``.
 - Stacked parameters live on the XLA device sharded on dim 0 over ``model_axis_name``; loading a
   ``state_dict`` keeps that sharding.
+
+A pipeline stage is a :class:`ModelParallelismWrapper` over the pipeline axis too (as in JAX):
+:meth:`ModelParallelismWrapper.from_modules` stacks p stages that already exist.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -54,10 +59,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from . import mesh as _mesh
-from . import xla
+from . import vmap_axes, xla
 from .array_utils import draw_seed, fold_in, fold_rng_over_axis, stack_params
-from .collectives import (all_gather_features, axis_size, copy_to_axis, reduce_scatter_features,
-                          ring_permute, split_features)
+from .async_collectives import (async_gather, async_gather_bidirectional,  # noqa: F401
+                                async_gather_split, async_scatter, async_scatter_split)
+from .collectives import all_gather_features, axis_size, copy_to_axis, reduce_scatter_features
+from .dense import Dense, lecun_normal
 
 __all__ = ["ModelParallelismWrapper", "scale_init", "TPDense", "TPAsyncDense", "async_gather",
            "async_gather_bidirectional", "async_gather_split", "async_scatter",
@@ -72,63 +79,6 @@ def _check_tp_mode(tp_mode: str) -> None:
         raise ValueError(f"tp_mode={tp_mode!r}: expected one of {TP_MODES}")
 
 
-# ---------------------------------------------------------------------------- initializers, Dense
-def lecun_normal() -> Callable:
-    """Twin of ``flax.linen.initializers.lecun_normal()``: truncated normal, variance 1/fan_in.
-
-    The returned ``init(generator, shape, dtype=torch.float32)`` treats the second-to-last dim as
-    fan-in (a kernel ``[in, out]``), draws from a normal truncated to 2 standard deviations and
-    rescales so the variance is ``1 / fan_in``, as JAX's ``variance_scaling(1, 'fan_in',
-    'truncated_normal')`` does. ``generator=None`` uses torch's global generator.
-    """
-
-    def init(generator: torch.Generator | None, shape: Sequence[int], dtype=torch.float32):
-        shape = tuple(shape)
-        fan_in = shape[-2] if len(shape) >= 2 else (shape[0] if shape else 1)
-        std = math.sqrt(1.0 / max(fan_in, 1)) / 0.87962566103423978
-        out = torch.empty(shape, dtype=torch.float32)
-        nn.init.trunc_normal_(out, 0.0, std, -2.0 * std, 2.0 * std, generator=generator)
-        return out.to(dtype)
-
-    return init
-
-
-def _zeros(generator, shape, dtype=torch.float32):
-    return torch.zeros(tuple(shape), dtype=dtype)
-
-
-class Dense(nn.Module):
-    """Twin of ``flax.linen.Dense``: ``y = x @ kernel + bias`` with ``kernel`` ``[in, out]``.
-
-    Parameters are named and laid out as in Flax (``kernel`` ``[in_features, features]``,
-    ``bias`` ``[features]``), unlike ``torch.nn.Linear`` (``weight`` ``[out, in]``). They are
-    created on CPU with ``kernel_init(generator, shape, dtype)`` (torch's global generator when
-    ``generator`` is None).
-    """
-
-    def __init__(self, in_features: int, features: int, use_bias: bool = True,
-                 kernel_init: Callable | None = None, bias_init: Callable = _zeros,
-                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
-        super().__init__()
-        for name, value in (("in_features", in_features), ("features", features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected a positive int")
-        self.in_features, self.features, self.use_bias = in_features, features, bool(use_bias)
-        kernel_init = lecun_normal() if kernel_init is None else kernel_init
-        self.kernel = nn.Parameter(kernel_init(generator, (in_features, features), dtype))
-        if self.use_bias:
-            self.bias = nn.Parameter(bias_init(generator, (features,), dtype))
-        else:
-            self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(x, self.kernel)
-        return y + self.bias if self.bias is not None else y
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, features={self.features}, use_bias={self.use_bias}"
-
-
 def scale_init(init_fn: Callable, scale_factor: float = 1.0) -> Callable:
     """Return an initializer that multiplies the output of ``init_fn`` by ``scale_factor``."""
 
@@ -139,11 +89,9 @@ def scale_init(init_fn: Callable, scale_factor: float = 1.0) -> Callable:
 
 
 # ------------------------------------------------------------------------- ModelParallelismWrapper
-def _set_param(module: nn.Module, path: str, value: nn.Parameter) -> None:
-    *parents, leaf = path.split(".")
-    for p in parents:
-        module = getattr(module, p)
-    setattr(module, leaf, value)
+def _owner(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    prefix, _, leaf = path.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), leaf
 
 
 class ModelParallelismWrapper(nn.Module):
@@ -159,7 +107,12 @@ class ModelParallelismWrapper(nn.Module):
     ``forward(*args, **kwargs)`` applies the wrapped module to each device's shard with
     ``torch.func.vmap(functional_call)`` over dim 0: ``args`` are stacked-view tensors (or pytrees
     of them) ``[n, ...]``; ``kwargs`` are passed unchanged to every device. Outputs are stacked,
-    dim 0 sharded over the axis. No communication.
+    dim 0 sharded over the axis. No communication. Inside the vmap the axis is declared
+    (:func:`torch_impl.vmap_axes.vmapped_axis`), so the wrapped module's own annotations see it,
+    and random ops draw different numbers per device.
+
+    :meth:`from_modules` wraps n modules that already exist instead (a pipeline stage: JAX wraps
+    the stage in this class over the pipeline axis).
 
     Args:
         model_axis_name: Name of the model axis to shard over.
@@ -174,6 +127,11 @@ class ModelParallelismWrapper(nn.Module):
     Raises:
         ValueError: if the mesh has no ``model_axis_name``, SPMD is not enabled, or
             ``mask_except_model_idx`` is not None or an index in ``[0, n)``.
+
+    Example::
+
+        wrapper = ModelParallelismWrapper("tp", functools.partial(Dense, 4, 8), mesh=mesh)
+        y = wrapper(x)    # x [n, ..., 4] -> [n, ..., 8], row j through device j's Dense
     """
 
     def __init__(self, model_axis_name: str, module_fn: Callable[..., nn.Module],
@@ -182,9 +140,9 @@ class ModelParallelismWrapper(nn.Module):
         super().__init__()
         _mesh.require_spmd()
         n = axis_size(model_axis_name, mesh=mesh)
-        self.model_axis_name, self.mask_except_model_idx = model_axis_name, mask_except_model_idx
+        self._configure(model_axis_name, mesh, n, stage=False)
+        self.mask_except_model_idx = mask_except_model_idx
         self.split_rngs, self.module_kwargs = bool(split_rngs), dict(module_kwargs or {})
-        self.mesh, self.axis_size = mesh, n
         seed = draw_seed(seed)
         if self.split_rngs:
             seeds = [g.initial_seed() for g in fold_rng_over_axis(seed, model_axis_name, mesh=mesh)]
@@ -195,43 +153,117 @@ class ModelParallelismWrapper(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s)
                 replicas.append(module_fn(**self.module_kwargs))
-        names = [name for name, _ in replicas[0].named_parameters()]
         stacked = stack_params([dict(m.named_parameters()) for m in replicas], model_axis_name,
                                mask_except=mask_except_model_idx, mesh=mesh)
-        template = replicas[0]
-        for name in names:
-            param = nn.Parameter(stacked[name])
+        params = {name: nn.Parameter(value) for name, value in stacked.items()}
+        for param in params.values():
             _mesh.mark_stacked(param, mesh, model_axis_name)
-            _set_param(template, name, param)
-        self.sharded = template
-        self._param_names = names
+        self._hold(replicas[0], params, {})
+
+    @classmethod
+    def from_modules(cls, modules: Sequence[nn.Module], model_axis_name: str, *,
+                     mesh) -> "ModelParallelismWrapper":
+        """Wrap n existing modules of identical structure (module j's weights are device j's).
+
+        The pipeline's stacked stage (``torch_impl.pipeline_parallel.PipelineModule``): the
+        parameters AND buffers of ``modules`` are stacked ``[n, ...]`` where the modules live
+        (CPU until :meth:`shard_`); ``forward(h, *args, **kwargs)`` maps only ``h`` over dim 0
+        (the other arguments go to every row unchanged, the same for every stage), and leaves the
+        output's sharding to the caller (the pipeline constrains it each step).
+
+        Raises:
+            ValueError: if the mesh has no ``model_axis_name`` or ``len(modules)`` is not n.
+
+        Example::
+
+            stage = ModelParallelismWrapper.from_modules([Stage() for _ in range(4)], "pp",
+                                                         mesh=mesh).shard_()
+            y = stage(h)      # h [4, b, ...]: row s through stage s
+        """
+        n = _mesh.check_axis(mesh, model_axis_name, "model_axis_name")
+        modules = list(modules)
+        if len(modules) != n:
+            raise ValueError(f"modules has {len(modules)} modules: expected n={n}, the size of "
+                             f"axis {model_axis_name!r}")
+        params, buffers = torch.func.stack_module_state(modules)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._configure(model_axis_name, mesh, n, stage=True)
+        self.mask_except_model_idx, self.split_rngs, self.module_kwargs = None, False, {}
+        self._hold(modules[0], {k: nn.Parameter(v.detach().clone()) for k, v in params.items()},
+                   {k: v.clone() for k, v in buffers.items()})
+        return self
+
+    def _configure(self, model_axis_name: str, mesh, n: int, stage: bool) -> None:
+        self.model_axis_name, self.mesh, self.axis_size = model_axis_name, mesh, n
+        self._stage = stage  # built by from_modules: forward maps only its first argument
         self.register_load_state_dict_post_hook(ModelParallelismWrapper._reshard_after_load)
+
+    def _hold(self, template: nn.Module, params: dict, buffers: dict) -> None:
+        """Keep ``template`` as the child ``sharded``, its tensors replaced by the stacked ones."""
+        for name, value in {**params, **buffers}.items():
+            owner, leaf = _owner(template, name)
+            setattr(owner, leaf, value)  # keeps the registration order of the tensors
+        self.sharded = template
+        self._param_names = list(params)
+        self._stacked_buffers = list(buffers)
 
     @staticmethod
     def _reshard_after_load(module, incompatible_keys) -> None:
         module.reshard()
 
     def reshard(self) -> None:
-        """Re-annotate the stacked parameters as sharded on dim 0 (e.g. after replacing them)."""
-        for p in self.sharded.parameters():
-            if not xla.has_sharding(p):
-                _mesh.mark_stacked(p, self.mesh, self.model_axis_name)
+        """Re-annotate the stacked tensors on the XLA device as sharded on dim 0 (e.g. after
+        replacing them); tensors still on the CPU (:meth:`from_modules`) are left to
+        :meth:`shard_`."""
+        for t in self._stacked_tensors().values():
+            if t.device.type == "xla" and not xla.has_sharding(t):
+                _mesh.mark_stacked(t, self.mesh, self.model_axis_name)
 
-    def forward(self, *args, **kwargs):
+    def shard_(self) -> "ModelParallelismWrapper":
+        """Move to the XLA device (if needed) and shard dim 0 of every stacked tensor."""
+        self.to(_mesh.xla_device())
+        for t in self._stacked_tensors().values():
+            _mesh.mark_stacked(t.data if isinstance(t, nn.Parameter) else t, self.mesh,
+                               self.model_axis_name)
+        return self
+
+    def partition_specs(self) -> dict[str, tuple]:
+        """Partition spec of every stacked tensor, by its name in this module."""
+        return {f"sharded.{name}": _mesh.stacked_spec(t.dim(), self.model_axis_name)
+                for name, t in self._stacked_tensors().items()}
+
+    def _stacked_tensors(self) -> dict[str, torch.Tensor]:
+        """{path below ``sharded``: tensor} of the stacked parameters and buffers (current ones:
+        ``functional_call`` may have substituted them)."""
+        own = dict(self.sharded.named_parameters())
+        own.update(self.sharded.named_buffers())
+        return {name: own[name] for name in self._param_names + self._stacked_buffers}
+
+    def _check_stacked(self, args) -> None:
         n = self.axis_size
         for i, leaf in enumerate(pytree.tree_leaves(args)):
-            _mesh.check_on_device(leaf, f"args (leaf {i})")
+            if not self._stage:
+                _mesh.check_on_device(leaf, f"args (leaf {i})")
             if leaf.dim() < 1 or leaf.shape[0] != n:
                 raise ValueError(f"args (leaf {i}).shape={tuple(leaf.shape)}: expected the stacked "
                                  f"view [n, ...] with n={n}, the size of axis "
                                  f"{self.model_axis_name!r}")
-        params = dict(self.sharded.named_parameters())
+
+    def forward(self, *args, **kwargs):
+        """Row j of every mapped argument through device j's shard (see the class docstring)."""
+        mapped, shared = (args[:1], args[1:]) if self._stage else (args, ())
+        self._check_stacked(mapped)
         module = self.sharded
 
-        def per_device(p, *a):
-            return torch.func.functional_call(module, p, a, kwargs)
+        def per_device(tensors, *a):
+            return torch.func.functional_call(module, tensors, (*a, *shared), kwargs)
 
-        out = torch.func.vmap(per_device, in_dims=(0,) + (0,) * len(args))(params, *args)
+        with vmap_axes.vmapped_axis(self.model_axis_name):  # annotations inside see dim 0
+            out = torch.func.vmap(per_device, in_dims=(0,) * (1 + len(mapped)),
+                                  randomness="different")(self._stacked_tensors(), *mapped)
+        if self._stage:  # the pipeline constrains its state itself (traceably, inside its loop)
+            return out
         return pytree.tree_map(
             lambda t: _mesh.mark_activation(t, self.mesh, self.model_axis_name), out)
 
@@ -264,6 +296,21 @@ def _check_features(**values) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r}: expected a positive int")
+
+
+def _init_layer(layer: nn.Module, in_features: int, out_features: int, model_axis_name: str,
+                tp_mode: str, kernel_init: Callable | None, use_bias: bool, dense_name: str, mesh,
+                seed: int | None) -> tuple[int, Callable, int]:
+    """The checks and attributes TPDense and TPAsyncDense share; returns (n, kernel_init, seed)."""
+    _check_tp_mode(tp_mode)
+    _check_features(in_features=in_features, out_features=out_features)
+    _mesh.require_spmd()
+    n = axis_size(model_axis_name, mesh=mesh)
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.model_axis_name, layer.tp_mode, layer.use_bias = model_axis_name, tp_mode, bool(use_bias)
+    layer.dense_name, layer.mesh, layer.axis_size = dense_name, mesh, n
+    layer.mode = tp_mode if n > 1 else "none"  # every mode is "none" on an axis of size 1
+    return n, lecun_normal() if kernel_init is None else kernel_init, draw_seed(seed)
 
 
 def _check_input(x: torch.Tensor, n: int, in_features: int, axis_name: str) -> None:
@@ -307,17 +354,9 @@ class TPDense(nn.Module):
                  dense_name: str = "module", *, mesh, seed: int | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        _check_tp_mode(tp_mode)
-        _check_features(in_features=in_features, out_features=out_features)
-        _mesh.require_spmd()
-        n = axis_size(model_axis_name, mesh=mesh)
-        kernel_init = lecun_normal() if kernel_init is None else kernel_init
-        self.in_features, self.out_features = in_features, out_features
-        self.model_axis_name, self.tp_mode = model_axis_name, tp_mode
-        self.skip_communication, self.use_bias = bool(skip_communication), bool(use_bias)
-        self.dense_name, self.mesh, self.axis_size = dense_name, mesh, n
-        self.mode = tp_mode if n > 1 else "none"
-        seed = draw_seed(seed)
+        n, kernel_init, seed = _init_layer(self, in_features, out_features, model_axis_name,
+                                           tp_mode, kernel_init, use_bias, dense_name, mesh, seed)
+        self.skip_communication = bool(skip_communication)
         if self.mode == "none":
             self.Dense_0 = _seeded_dense(in_features, out_features, use_bias, kernel_init, dtype, seed)
             return
@@ -349,123 +388,6 @@ class TPDense(nn.Module):
         if self.skip_communication:
             return y
         return reduce_scatter_features(y, self.model_axis_name, mesh=self.mesh)
-
-
-# ------------------------------------------------------------------------------ ring collectives
-def async_gather(x: PyTree, axis_name: str, shift_up: bool = True, *, mesh) -> list[PyTree]:
-    """All-gather by n-1 ring permutations.
-
-    Args:
-        x: Stacked-view tensor ``[n, ...]`` (or pytree of them).
-        axis_name: The axis to gather over (size n).
-        shift_up: Send from device j to j+1 (else to j-1).
-        mesh: The torch_xla mesh (keyword-only).
-
-    Returns:
-        List of n stacked tensors: element i has row d = ``x[d - i]`` (shift up) or ``x[d + i]``
-        (shift down), mod n. Element 0 is ``x`` itself.
-    """
-    n = axis_size(axis_name, mesh=mesh)
-    ps = [x]
-    for _ in range(1, n):
-        ps.append(ring_permute(ps[-1], axis_name, shift_up=shift_up, mesh=mesh))
-    return ps
-
-
-def async_gather_bidirectional(x: torch.Tensor, axis_name: str, shift_up: bool = True, *,
-                               mesh) -> list[torch.Tensor]:
-    """All-gather by ring permutations in both directions (ceil((n-1)/2) up, floor((n-1)/2) down).
-
-    Steps alternate: odd steps shift the "up" chain, even steps the "down" chain, so each value
-    travels at most n/2 hops. Returns the same list, in the same order, as :func:`async_gather`
-    with the same ``shift_up``.
-    """
-    n = axis_size(axis_name, mesh=mesh)
-    ups, downs = [], []
-    p_up = p_down = x
-    for step in range(1, n):
-        if step % 2:
-            p_up = ring_permute(p_up, axis_name, shift_up=True, mesh=mesh)
-            ups.append(p_up)
-        else:
-            p_down = ring_permute(p_down, axis_name, shift_up=False, mesh=mesh)
-            downs.append(p_down)
-    if shift_up:
-        return [x] + ups + downs[::-1]
-    return [x] + downs + ups[::-1]
-
-
-def async_gather_split(x: torch.Tensor, axis_name: str, *, mesh) -> list[torch.Tensor]:
-    """All-gather with the features split in halves, one half travelling each way round the ring.
-
-    Returns a list of length ``2n - 1`` with rows d: ``[x, lo(d-1), ..., lo(d-n+1), hi(d+1), ...,
-    hi(d+n-1)]`` (indices mod n), where ``lo(e)`` / ``hi(e)`` are the first / second half of the
-    features of ``x[e]``. For n == 1: ``[x]``. ValueError if the features are odd (n > 1).
-    """
-    n = axis_size(axis_name, mesh=mesh)
-    if n == 1:
-        return [x]
-    lo, hi = split_features(x, 2, argument="x")
-    return [x] + async_gather(lo, axis_name, shift_up=True, mesh=mesh)[1:] + async_gather(
-        hi, axis_name, shift_up=False, mesh=mesh)[1:]
-
-
-def _check_scatter_inputs(xs: Sequence[PyTree], axis_name: str, mesh) -> int:
-    n = axis_size(axis_name, mesh=mesh)
-    if len(xs) != n:
-        raise ValueError(f"len(xs)={len(xs)}: expected one input per device, the size {n} of axis "
-                         f"{axis_name!r}")
-    return n
-
-
-def async_scatter(xs: Sequence[PyTree], axis_name: str, shift_up: bool = True, *,
-                  mesh) -> PyTree:
-    """Scatter-sum by n-1 ring permutations (the ring form of ``psum_scatter``).
-
-    Args:
-        xs: n stacked-view tensors (or pytrees) of equal shapes. With ``shift_up``, row e of
-            ``xs[i]`` is added into row ``e - 1 - i (mod n)`` of the result (shift down:
-            ``e + 1 + i``).
-        axis_name: The axis to scatter over (size n).
-        shift_up: Send partial sums from device j to j+1 (else to j-1).
-        mesh: The torch_xla mesh (keyword-only).
-
-    Returns:
-        The stacked sum, shaped like ``xs[0]``.
-
-    Raises:
-        ValueError: if ``len(xs)`` is not the axis size.
-    """
-    _check_scatter_inputs(xs, axis_name, mesh)
-    y = xs[0]
-    for x in xs[1:]:
-        y = pytree.tree_map(torch.add, ring_permute(y, axis_name, shift_up=shift_up, mesh=mesh), x)
-    return y
-
-
-def async_scatter_split(xs: Sequence[PyTree], axis_name: str, *, mesh) -> PyTree:
-    """Scatter-sum with the features split: the first ``F//2`` go up the ring, the rest down.
-
-    Row e of ``xs[i]``: its first ``F//2`` features go to row ``e - 1 - i``, the other
-    ``F - F//2`` to row ``e + 1 + i`` (mod n). Returns the stacked sum ``[n, ..., F]``.
-    ValueError if ``len(xs)`` is not the axis size.
-    """
-    _check_scatter_inputs(xs, axis_name, mesh)
-
-    def halves(x):
-        lo = pytree.tree_map(lambda a: a[..., : a.shape[-1] // 2], x)
-        hi = pytree.tree_map(lambda a: a[..., a.shape[-1] // 2:], x)
-        return lo, hi
-
-    y_up, y_down = halves(xs[0])
-    for x in xs[1:]:
-        x_up, x_down = halves(x)
-        y_up = pytree.tree_map(torch.add, ring_permute(y_up, axis_name, shift_up=True, mesh=mesh),
-                               x_up)
-        y_down = pytree.tree_map(torch.add,
-                                 ring_permute(y_down, axis_name, shift_up=False, mesh=mesh), x_down)
-    return pytree.tree_map(
-        lambda a, b: _mesh.mark_activation(torch.cat([a, b], -1), mesh, axis_name), y_up, y_down)
 
 
 # ------------------------------------------------------------------------------- TPAsyncDense
@@ -503,18 +425,10 @@ class TPAsyncDense(nn.Module):
                  use_bidirectional_gather: bool = True, use_bidirectional_scatter: bool = False,
                  *, mesh, seed: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
-        _check_tp_mode(tp_mode)
-        _check_features(in_features=in_features, out_features=out_features)
-        _mesh.require_spmd()
-        n = axis_size(model_axis_name, mesh=mesh)
-        kernel_init = lecun_normal() if kernel_init is None else kernel_init
-        self.in_features, self.out_features = in_features, out_features
-        self.model_axis_name, self.tp_mode, self.use_bias = model_axis_name, tp_mode, bool(use_bias)
-        self.dense_name, self.mesh, self.axis_size = dense_name, mesh, n
+        n, kernel_init, seed = _init_layer(self, in_features, out_features, model_axis_name,
+                                           tp_mode, kernel_init, use_bias, dense_name, mesh, seed)
         self.use_bidirectional_gather = bool(use_bidirectional_gather)
         self.use_bidirectional_scatter = bool(use_bidirectional_scatter)
-        self.mode = tp_mode if n > 1 else "none"
-        seed = draw_seed(seed)
         if self.mode == "none":
             self.shard_0 = _seeded_dense(in_features, out_features, use_bias, kernel_init, dtype, seed)
             return

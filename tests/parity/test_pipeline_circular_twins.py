@@ -8,83 +8,28 @@ Measured (fp32): outputs and gradients agree to <= 4.4e-7 relative; the tests al
 
 from __future__ import annotations
 
-import functools
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.sharding import PartitionSpec as P
 
 from jax_impl.pipeline_circular import CircularPipelineModule as JaxCircular
-from jax_impl.tensor_parallel import ModelParallelismWrapper
 from parity import hlo
-from torch_impl.mesh import compiled_hlo, mark_sharding
+from tests.parity.pipeline_helpers import JAX_STAGE, TorchStage, flat, rel, twins
+from torch_impl.mesh import compiled_hlo
 from torch_impl.pipeline_circular import CircularPipelineModule as TorchCircular
 
-F = 4
-B_LOCAL = 2
 RTOL = 1e-5
-BATCH = ("dp", "fsdp")
 CASES = [(2, 4, 2), (4, 2, 6)]  # (p, r, m); p = 2, 4, 8 x r = 2, 4 run in tests/jax, tests/torch
 
 
-class JaxStage(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return jnp.tanh(nn.Dense(F, bias_init=nn.initializers.normal(0.5))(x))
-
-
-class Dense(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.kernel = torch.nn.Parameter(torch.zeros(F, F))
-        self.bias = torch.nn.Parameter(torch.zeros(F))
-
-    def forward(self, x):
-        return x @ self.kernel + self.bias
-
-
-class TorchStage(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.Dense_0 = Dense()
-
-    def forward(self, x):
-        return torch.tanh(self.Dense_0(x))
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def _flat(tree) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(tree))
-    return {".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in leaves}
-
-
 def _twins(make_jax_mesh, make_torch_mesh, xla_device, p, r, m):
-    jmesh, tmesh = make_jax_mesh(pipeline_axis_size=p), make_torch_mesh(pipeline_axis_size=p)
     jmodel = JaxCircular(model_axis_name="pp", num_microbatches=m, num_pipeline_repeats=r,
-                         module_fn=functools.partial(ModelParallelismWrapper,
-                                                     model_axis_name="pp", module_fn=JaxStage))
-    x = np.asarray(jax.random.normal(jax.random.key(p * 100 + m), (8 // p * m * B_LOCAL, F)))
-    init = jax.shard_map(jmodel.init, mesh=jmesh, in_specs=(P(), P(BATCH)), out_specs=P(),
-                         check_vma=False)
-    specs = nn.get_partition_spec(jax.eval_shape(init, jax.random.key(1), x))
-    variables = jax.jit(jax.shard_map(jmodel.init, mesh=jmesh, in_specs=(P(), P(BATCH)),
-                                      out_specs=specs, check_vma=False))(jax.random.key(1), x)
-    jpredict = jax.shard_map(lambda v, x: jax.lax.psum(jmodel.apply(v, x), "pp"), mesh=jmesh,
-                             in_specs=(specs, P(BATCH)), out_specs=P(BATCH))
-    tmodel = TorchCircular("pp", m, TorchStage, mesh=tmesh, num_pipeline_repeats=r)
-    tmodel.load_state_dict({k: torch.from_numpy(v.copy())
-                            for k, v in _flat(variables["params"]).items()})
-    tmodel.stage.shard_()
-    xx = mark_sharding(torch.from_numpy(x.copy()).to(xla_device), tmesh, (BATCH, None))
-    return jpredict, variables, tmodel, x, xx.requires_grad_()
+                         module_fn=JAX_STAGE)
+    tmesh = make_torch_mesh(pipeline_axis_size=p)
+    return twins(jmodel, TorchCircular("pp", m, TorchStage, mesh=tmesh, num_pipeline_repeats=r),
+                 make_jax_mesh(pipeline_axis_size=p), tmesh, xla_device, p, m)
 
 
 @pytest.mark.parametrize("p,r,m", CASES, ids=[f"p{p}-r{r}-m{m}" for p, r, m in CASES])
@@ -102,13 +47,13 @@ def test_same_outputs_gradients_and_permutes(make_jax_mesh, make_torch_mesh, xla
     ty = tmodel(xx)
     (ty * torch.from_numpy(w_out).to(xx.device)).sum().backward()
     ttext = compiled_hlo([ty, xx.grad] + [q.grad for q in tmodel.parameters()])  # before .cpu()
-    assert _rel(ty.detach().cpu(), jy) < RTOL
-    assert _rel(xx.grad.cpu(), jgx) < RTOL
-    jg = _flat(jgrads["params"])
+    assert rel(ty.detach().cpu(), jy) < RTOL
+    assert rel(xx.grad.cpu(), jgx) < RTOL
+    jg = flat(jgrads["params"])
     tg = {name: prm.grad.cpu().numpy() for name, prm in tmodel.named_parameters()}
     assert sorted(tg) == sorted(jg) and len(jg) == 2 * r
     for name in jg:
-        assert _rel(tg[name], jg[name]) < RTOL, name
+        assert rel(tg[name], jg[name]) < RTOL, name
 
     # The same ring on both sides: one permute up (forward) and one down (its transpose).
     jtext = grad_fn.lower(variables, x).compile().as_text()

@@ -1,102 +1,44 @@
 """JAX and torch_xla GPipe pipelines on the same weights: same outputs, same gradients, same
 communication, and the example trains both to the same loss curve.
 
-The torch stage is the twin of the flax stage (``Dense_0.kernel`` [in, out], ``Dense_0.bias``), so
-weights move by parameter path: torch ``state_dict`` key = JAX path joined by '.'.
+The stages and the JAX-initialised pair are tests/parity/pipeline_helpers.py's (weights move by
+parameter path: torch ``state_dict`` key = JAX path joined by '.').
 Measured (fp32): outputs and gradients agree to <= 3.3e-7 relative; the tests allow 1e-5.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import re
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from jax.sharding import PartitionSpec as P
 
 from jax_impl.pipeline_parallel import PipelineModule as JaxPipeline
-from jax_impl.tensor_parallel import ModelParallelismWrapper
 from parity import hlo
-from torch_impl.mesh import compiled_hlo, mark_sharding
+from tests.parity.pipeline_helpers import JAX_STAGE, TorchStage, flat, rel, twins
+from torch_impl.mesh import compiled_hlo
 from torch_impl.pipeline_parallel import PipelineModule as TorchPipeline
 
-F = 4
-B_LOCAL = 2
 RTOL = 1e-5
 # m = p is covered against the sequential stages in tests/jax and tests/torch; here 1 and 2p+1
 # keep this file within its time budget (cases cost ~5 s each on the shared 2-core machine).
 CASES = sorted({(p, m) for p in (1, 2, 4, 8) for m in (1, 2 * p + 1)})
-BATCH = ("dp", "fsdp")
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-class JaxStage(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return jnp.tanh(nn.Dense(F, bias_init=nn.initializers.normal(0.5))(x))
-
-
-class Dense(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.kernel = torch.nn.Parameter(torch.zeros(F, F))
-        self.bias = torch.nn.Parameter(torch.zeros(F))
-
-    def forward(self, x):
-        return x @ self.kernel + self.bias
-
-
-class TorchStage(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.Dense_0 = Dense()
-
-    def forward(self, x):
-        return torch.tanh(self.Dense_0(x))
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def _flat(tree) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_leaves_with_path(nn.unbox(tree))
-    return {".".join(str(getattr(k, "key", k)) for k in path): np.asarray(v) for path, v in leaves}
 
 
 def _twins(make_jax_mesh, make_torch_mesh, xla_device, p, m):
     """Both pipelines with the JAX initialization; returns JAX and torch handles and data."""
-    jmesh, tmesh = make_jax_mesh(pipeline_axis_size=p), make_torch_mesh(pipeline_axis_size=p)
-    jmodel = JaxPipeline(model_axis_name="pp", num_microbatches=m, module_fn=functools.partial(
-        ModelParallelismWrapper, model_axis_name="pp", module_fn=JaxStage))
-    x = np.asarray(jax.random.normal(jax.random.key(p * 100 + m), (8 // p * m * B_LOCAL, F)))
-    init = jax.shard_map(jmodel.init, mesh=jmesh, in_specs=(P(), P(BATCH)), out_specs=P(),
-                         check_vma=False)
-    specs = nn.get_partition_spec(jax.eval_shape(init, jax.random.key(1), x))
-    variables = jax.jit(jax.shard_map(jmodel.init, mesh=jmesh, in_specs=(P(), P(BATCH)),
-                                      out_specs=specs, check_vma=False))(jax.random.key(1), x)
-
-    def predict(v, x):
-        return jax.lax.psum(jmodel.apply(v, x), "pp")
-
-    jpredict = jax.shard_map(predict, mesh=jmesh, in_specs=(specs, P(BATCH)), out_specs=P(BATCH))
-
-    tmodel = TorchPipeline("pp", m, TorchStage, mesh=tmesh)
-    tmodel.load_state_dict({k: torch.from_numpy(v.copy())
-                            for k, v in _flat(variables["params"]).items()})
-    tmodel.stage.shard_()
-    xx = mark_sharding(torch.from_numpy(x.copy()).to(xla_device), tmesh, (BATCH, None))
-    return jpredict, variables, tmodel, x, xx.requires_grad_()
+    jmodel = JaxPipeline(model_axis_name="pp", num_microbatches=m, module_fn=JAX_STAGE)
+    tmesh = make_torch_mesh(pipeline_axis_size=p)
+    return twins(jmodel, TorchPipeline("pp", m, TorchStage, mesh=tmesh),
+                 make_jax_mesh(pipeline_axis_size=p), tmesh, xla_device, p, m)
 
 
 @pytest.mark.parametrize("p,m", CASES, ids=[f"p{p}-m{m}" for p, m in CASES])
@@ -112,14 +54,14 @@ def test_same_outputs_and_gradients(make_jax_mesh, make_torch_mesh, xla_device, 
     ty = tmodel(xx)
     (ty * torch.from_numpy(w_out).to(xx.device)).sum().backward()
 
-    assert _rel(ty.detach().cpu(), jy) < RTOL
-    assert _rel(xx.grad.cpu(), jgx) < RTOL
-    jg = _flat(jgrads["params"])
+    assert rel(ty.detach().cpu(), jy) < RTOL
+    assert rel(xx.grad.cpu(), jgx) < RTOL
+    jg = flat(jgrads["params"])
     tg = {name: prm.grad.cpu().numpy() for name, prm in tmodel.named_parameters()}
     assert sorted(tg) == sorted(jg)
     for name in jg:
         assert tg[name].shape == jg[name].shape, name
-        assert _rel(tg[name], jg[name]) < RTOL, name
+        assert rel(tg[name], jg[name]) < RTOL, name
 
 
 def _groups(text: str):

@@ -229,14 +229,14 @@ def test_split_scatter_odd_features(make_jax_mesh, make_torch_mesh):
 
 def test_twin_comparison_detects_a_reversed_ring(make_jax_mesh, make_torch_mesh, monkeypatch):
     """The comparison can fail: a torch ring shifted the other way changes numbers and pairs."""
-    from torch_impl import tensor_parallel as ttp
+    from torch_impl import async_collectives as tac  # TPAsyncDense's rings
 
-    original = ttp.ring_permute
+    original = tac.ring_permute
 
     def reversed_ring(x, axis_name, shift_up=True, *, mesh):
         return original(x, axis_name, shift_up=not shift_up, mesh=mesh)
 
-    monkeypatch.setattr(ttp, "ring_permute", reversed_ring)
+    monkeypatch.setattr(tac, "ring_permute", reversed_ring)
     errs, jtext, ttext = twin("async_gather_uni", make_jax_mesh(model_axis_size=4),
                               make_torch_mesh(model_axis_size=4), 4)
     assert errs["y"] > 0.1

@@ -21,7 +21,7 @@ scratch copy made ``test_twin_parameters[collectives]`` fail naming ``axis_index
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import inspect
 import pkgutil
 
@@ -81,6 +81,13 @@ TORCH_ONLY: dict[tuple[str, str], tuple[set, str]] = {
     ("pipeline_parallel", "PipelineModule"): ({"batch_axis_names", "stage_name", "loop"},
                                               "as execute_pipeline; stage_name names the stacked "
                                               "stage (linen names it from the module tree)"),
+    ("pipeline_circular", "execute_circular_pipeline"): ({"batch_axis_names", "loop",
+                                                          "feature_spec"},
+                                                         "as pipeline_parallel.execute_pipeline"),
+    ("pipeline_circular", "CircularPipelineModule"): ({"batch_axis_names", "loop"},
+                                                      "as pipeline_parallel.PipelineModule"),
+    ("pipeline_circular", "rotate"): ({"spec"}, "as collectives.ring_permute (the loop keeps the "
+                                      "state's data-parallel dims sharded)"),
     ("embedding", "VocabParallelEmbed"): ({"padding_idx"}, "nn.Embedding's padding_idx, so "
                                           "migrated torch models keep it; JAX has none"),
     ("embedding", "vocab_parallel_lookup"): ({"padding_idx"}, "as VocabParallelEmbed"),
@@ -110,8 +117,6 @@ def _jax_modules() -> list[str]:
 
 
 def _pair(module: str):
-    import importlib.util
-
     import jax  # noqa: F401  (imported before torch_xla, docs/design.md)
 
     if importlib.util.find_spec(f"torch_impl.{module}") is None:
@@ -185,12 +190,7 @@ def test_twin_module_has_every_public_name_in_order(module):
 
 
 # module -> reason: known parameter differences not yet resolved by the module's owner
-PARAMS_PENDING: dict[str, str] = {
-    "pipeline_circular": "issue 17 (in progress, 2026-12-03): torch names differ from JAX "
-                         "(stage_index/idx, read_slot/read_hot, write_slot/write_hot, rotate's "
-                         "model_axis_name/spec, RepeatedStage, run_resident_stage's module/"
-                         "apply_fn); rename or list each here with its reason, then drop this",
-}
+PARAMS_PENDING: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("module", [

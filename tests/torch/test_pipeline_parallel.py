@@ -14,8 +14,8 @@ import torch
 
 from parity import hlo
 from torch_impl.mesh import compiled_hlo, mark_sharding
-from torch_impl.pipeline_parallel import (PipelineModule, StackedStage, execute_pipeline,
-                                          execute_pipeline_step)
+from torch_impl.pipeline_parallel import PipelineModule, execute_pipeline, execute_pipeline_step
+from torch_impl.tensor_parallel import ModelParallelismWrapper
 
 F = 4
 B_LOCAL = 2
@@ -115,6 +115,59 @@ def test_extra_args_and_kwargs_reach_every_stage(make_torch_mesh, xla_device):
     assert _rel(y.detach().cpu(), _sequential(weights, x, scale, shift)) < RTOL
 
 
+def test_batch_axes_come_from_parallel_config(make_torch_mesh, xla_device):
+    """Default batch axes are ParallelConfig's data/FSDP names; a config names renamed ones."""
+    from torch_impl.configs import ParallelConfig
+    from torch_impl.pipeline_loop import batch_axes
+
+    assert batch_axes(make_torch_mesh(pipeline_axis_size=2), "pp", None) == (BATCH, 4)
+    cfg = ParallelConfig(pipeline_axis_size=2, data_axis_name="rows", fsdp_axis_name="shards")
+    mesh = make_torch_mesh(pipeline_axis_size=2, data_axis_name="rows", fsdp_axis_name="shards")
+    assert batch_axes(mesh, "pp", None) == ((), 1)  # no 'dp' / 'fsdp' in this mesh
+    assert batch_axes(mesh, "pp", cfg) == (("rows", "shards"), 4)
+    torch.manual_seed(0)
+    model = PipelineModule("pp", 3, Stage, mesh=mesh, batch_axis_names=cfg)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.stage.shard_()
+    with pytest.raises(ValueError, match=r"x.shape\[0\]=6: .* times the size 4 of the data axes "
+                                         r"\('rows', 'shards'\)"):
+        model(torch.zeros(6, F, device=xla_device))
+    x = torch.randn(4 * 3 * B_LOCAL, F)
+    y = model(mark_sharding(x.to(xla_device), mesh, (("rows", "shards"), None)))
+    assert _rel(y.detach().cpu(), _sequential(weights, x)) < RTOL
+
+
+class BufferedStage(Stage):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("offset", torch.randn(F))
+
+    def forward(self, x):
+        return super().forward(x) + self.offset
+
+
+def test_stage_wrapper_stacks_parameters_and_buffers(make_torch_mesh, xla_device):
+    """from_modules: [p, ...] parameters AND buffers, on the CPU until shard_ (loading a
+    state_dict there leaves them alone), specs over the pipeline axis, row s = stage s."""
+    p = 2
+    mesh = make_torch_mesh(pipeline_axis_size=p)
+    stages = [BufferedStage() for _ in range(p)]
+    h = torch.randn(p, 3, F)
+    want = torch.stack([stages[s](h[s]) for s in range(p)]).detach()
+    with pytest.raises(ValueError, match=r"modules has 3 modules: expected n=2"):
+        ModelParallelismWrapper.from_modules(stages + stages[:1], "pp", mesh=mesh)
+    stage = ModelParallelismWrapper.from_modules(stages, "pp", mesh=mesh)  # stages[0]: template
+    shapes = {k: tuple(v.shape) for k, v in stage.state_dict().items()}
+    assert shapes == {"sharded.Dense_0.kernel": (p, F, F), "sharded.Dense_0.bias": (p, F),
+                      "sharded.offset": (p, F)}
+    assert stage.partition_specs() == {"sharded.Dense_0.kernel": ("pp", None, None),
+                                       "sharded.Dense_0.bias": ("pp", None),
+                                       "sharded.offset": ("pp", None)}
+    stage.load_state_dict(stage.state_dict())
+    assert {t.device.type for t in stage.state_dict().values()} == {"cpu"}
+    assert _rel(stage.shard_()(h.to(xla_device)).detach().cpu(), want) < RTOL
+
+
 def _dropout_microbatches(make_torch_mesh, xla_device, loop):
     p, m = 2, 4
     mesh = make_torch_mesh(pipeline_axis_size=p)
@@ -166,14 +219,14 @@ def test_execute_pipeline_step_moves_state_one_stage_up(make_torch_mesh, xla_dev
     np.testing.assert_allclose(out.cpu().numpy()[:, 0, 0], [0, 0, 0, h[-1]])
 
 
-def test_stacked_stage_applies_stage_s_to_row_s(make_torch_mesh, xla_device):
+def test_stage_wrapper_applies_stage_s_to_row_s(make_torch_mesh, xla_device):
     p = 4
     mesh = make_torch_mesh(pipeline_axis_size=p)
     torch.manual_seed(1)
     stages = [Stage() for _ in range(p)]
     h = torch.randn(p, 3, F)
     want = torch.stack([stages[s](h[s]) for s in range(p)]).detach()
-    stacked = StackedStage(stages, mesh=mesh, model_axis_name="pp").shard_()
+    stacked = ModelParallelismWrapper.from_modules(stages, "pp", mesh=mesh).shard_()
     assert _rel(stacked(h.to(xla_device)).detach().cpu(), want) < RTOL
 
 

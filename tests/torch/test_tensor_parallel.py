@@ -194,9 +194,12 @@ def test_bf16_matches_reference(make_torch_mesh, case):
 
 def test_reference_detects_a_wrong_layer(make_torch_mesh, monkeypatch):
     """The numeric check can fail: a gather ring shifted the wrong way is caught."""
-    original = tp.ring_permute
-    monkeypatch.setattr(tp, "ring_permute", lambda x, a, shift_up=True, *, mesh: original(
-        x, a, shift_up=not shift_up, mesh=mesh))
+    from torch_impl import async_collectives
+
+    original = async_collectives.ring_permute
+    monkeypatch.setattr(async_collectives, "ring_permute",
+                        lambda x, a, shift_up=True, *, mesh: original(x, a, shift_up=not shift_up,
+                                                                      mesh=mesh))
     errs, _, _ = run("async_gather_uni", make_torch_mesh(model_axis_size=4), 4)
     assert errs["y"] > 0.1
 
