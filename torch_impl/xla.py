@@ -35,7 +35,7 @@ __all__ = ["is_spmd", "enable_spmd", "device", "device_count", "Mesh", "is_mesh"
            "get_global_mesh", "set_global_mesh", "mark_sharding", "mark_sharding_with_gradients",
            "aot_mark_sharding", "sharding_text", "has_sharding", "local_shards",
            "enable_manual_sharding", "disable_manual_sharding", "spmd_all_reduce", "spmd_reduce_scatter", "manual_reduce_scatter_op", "checkpoint",
-           "clear_sharding", "scan", "sync",
+           "clear_sharding", "scan", "sync", "compile_count",
            "wait_device_ops", "compiled_hlo", "graph_hash", "capture_graph", "tensor_id", "run_graph",
            "REDUCE_SUM"]
 
@@ -246,11 +246,23 @@ def checkpoint(function: Callable, *args: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------- control flow
-def scan(fn: Callable, init: Any, xs: Any):
-    """``torch_xla.experimental.scan``: one XLA while loop over the leading dim of ``xs``."""
+def scan(fn: Callable, init: Any, xs: Any, cache: bool = False):
+    """``torch_xla.experimental.scan``: one XLA while loop over the leading dim of ``xs``.
+
+    ``cache``: ``fn`` is pure (reads only its arguments), so its traced forward and backward
+    graphs are kept and reused whenever the same ``fn`` object comes back with the same shapes
+    (torch_xla's ``is_fn_pure``); they stay cached, and ``fn`` alive, for the process."""
     from torch_xla.experimental.scan import scan as _scan
 
-    return _scan(fn, init, xs)
+    return _scan(fn, init, xs, is_fn_pure=cache)
+
+
+def compile_count() -> int:
+    """Programs torch_xla has compiled in this process so far (its ``CompileTime`` metric)."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("CompileTime")
+    return int(data[0]) if data else 0
 
 
 def sync() -> None:
