@@ -322,14 +322,13 @@ register(ModuleSpec(
 # (dp, fsdp, pp, tp) of 8 devices: axis_size = tp, options dp / fsdp / pp, variant "sync"
 # (TPDense) or "async" (TPAsyncDense); FSDP on every module when fsdp > 1. Outputs the loss,
 # gradients of every parameter in the mesh-independent reference layout. The default matrix
-# holds one variant of the four meshes without FSDP, whose compiled collectives are equal to
-# the byte; with FSDP torch reduces the gradient with an all-reduce + slice where JAX has a
-# reduce-scatter (tests/parity/test_model_twins.py checks that this is the only difference;
-# bench/gpt_matrix.py runs every mesh and variant). Micro-batches: 2 with a pipeline, 1 without
+# holds one variant of five of issue 15's meshes, one with every axis but dp (1,2,2,2: FSDP
+# gradients reduce-scattered on both backends); tests/parity/test_model_twins.py and
+# bench/gpt_matrix.py run every mesh and variant. Micro-batches: 2 with a pipeline, 1 without
 # (the torch model does not split the batch when pp == 1; JAX would, halving every message).
 GPT4D_SIZES = dict(vocab_size=64, hidden_size=32, num_heads=8, num_layers=2, max_seq_len=16)
 GPT4D_MESHES = {(1, 1, 1, 8): "async", (8, 1, 1, 1): "sync", (1, 1, 2, 4): "sync",
-                (2, 1, 2, 2): "async"}
+                (2, 1, 2, 2): "async", (1, 2, 2, 2): "async"}
 
 
 def gpt4d_model_config(mesh: tuple[int, int, int, int], async_dense: bool, **sizes):
