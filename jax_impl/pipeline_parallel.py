@@ -1,4 +1,5 @@
-"""GPipe pipeline parallelism (API of xlstm-jax ``distributed.pipeline_parallel``).
+"""GPipe pipeline parallelism (API of xlstm-jax ``distributed.pipeline_parallel``; twin of
+:mod:`torch_impl.pipeline_parallel`).
 
 All functions are per-device code: call them inside ``jax.shard_map`` over a mesh that has the
 axis ``model_axis_name`` (the pipeline axis, size p). Device s of that axis holds stage s: the
