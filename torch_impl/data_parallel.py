@@ -408,6 +408,7 @@ class FSDPModule(_Transparent):
         gathered = {k: v.value if _is_partitioned(v) else v for k, v in gathered.items()}
         return torch.func.functional_call(self.wrapped, gathered, args, kwargs)
 
+
 class RematModule(_Transparent):
     """``module`` with activation rematerialisation: its forward is recomputed in the backward.
 
@@ -429,4 +430,3 @@ class RematModule(_Transparent):
             return self.wrapped(*fsdp_rows.keep_batch_layout(args, a), **kwargs)
 
         return xla.checkpoint(run, anchor, *args)
-

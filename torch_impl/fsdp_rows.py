@@ -29,7 +29,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -49,15 +48,6 @@ def copy_cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def _axes(entry) -> tuple[str, ...]:
     return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-
-
-def _groups(mesh, axes: Sequence[str]) -> list[list[int]]:
-    """Device ids of each group varying over ``axes`` (row-major), the other axes fixed."""
-    names = tuple(mesh.axis_names)
-    ids = np.asarray(mesh.device_ids).reshape(tuple(mesh.mesh_shape))
-    pos = [names.index(a) for a in axes]
-    ids = np.moveaxis(ids, pos, list(range(ids.ndim - len(pos), ids.ndim)))
-    return ids.reshape(-1, math.prod(ids.shape[ids.ndim - len(pos):])).tolist()
 
 
 def _spec_of(x: torch.Tensor, mesh) -> tuple | None:
@@ -97,7 +87,7 @@ class _GatherRows(torch.autograd.Function):
         rest = [a for a in _axes(ctx.entry)
                 if a != ctx.axis_name and _mesh.check_axis(mesh, a) > 1]
         if rest:
-            local = xla.spmd_all_reduce(local, _groups(mesh, rest))
+            local = xla.spmd_all_reduce(local, _mesh.axis_groups(mesh, rest))
         out = xla.disable_manual_sharding(local.squeeze(0), mesh, ctx.shard, ctx.shape)
         return out.to(ctx.param_dt), None, None, None, None, None, None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -88,17 +89,20 @@ def mark_sharding(tensor: torch.Tensor, mesh, spec) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------- stacked view helpers
-def axis_groups(mesh, axis_name: str) -> list[list[int]]:
+def axis_groups(mesh, axis_name: str | Sequence[str]) -> list[list[int]]:
     """Device ids of each ring along ``axis_name``, one list per combination of the other axes.
 
     E.g. mesh (dp, fsdp, pp, tp) = (2, 1, 1, 4) over devices 0..7 gives ``[[0, 1, 2, 3],
     [4, 5, 6, 7]]`` for ``'tp'``: the replica groups JAX uses for a collective over that axis.
+    Several axis names: the groups over all of them at once (row-major in the given order).
     """
-    check_axis(mesh, axis_name)
+    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    for a in axes:
+        check_axis(mesh, a)
     names = tuple(mesh.axis_names)
     ids = np.asarray(mesh.device_ids).reshape(tuple(mesh.mesh_shape))
-    ids = np.moveaxis(ids, names.index(axis_name), -1)
-    return ids.reshape(-1, ids.shape[-1]).tolist()
+    ids = np.moveaxis(ids, [names.index(a) for a in axes], list(range(-len(axes), 0)))
+    return ids.reshape(-1, math.prod(ids.shape[ids.ndim - len(axes):])).tolist()
 
 
 def stacked_spec(rank: int, axis_name: str) -> tuple:
