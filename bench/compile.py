@@ -113,7 +113,10 @@ def measure(backend: str, module: str, variant: str, n: int, fi: int, fo: int) -
     t2 = time.perf_counter()
     prog.step()
     t3 = time.perf_counter()
-    return {"build_s": t1 - t0, "first_step_s": t2 - t0, "second_step_s": t3 - t2}
+    # JAX loaded in the torch worker means some torch_xla path imported it (xs.mark_sharding's
+    # torchax check cost 3.5 s of a first step before torch_impl.xla stopped calling it).
+    return {"build_s": t1 - t0, "first_step_s": t2 - t0, "second_step_s": t3 - t2,
+            "jax_loaded": "jax" in sys.modules}
 
 
 def worker_main(argv: list[str]) -> int:

@@ -104,6 +104,9 @@ def test_compile_quick_writes_table_json_and_plot(tmp_path):
         for backend in cs.BACKENDS:
             assert row[f"{backend}_status"] in ("ok", "timeout"), row.get(f"{backend}_error")
     assert "torch/JAX first step" in (tmp_path / "results.md").read_text()
+    # A torch layer's first step must not import JAX (torch_xla's xs.mark_sharding does, through
+    # torchax: 3.5 s of the first step here; torch_impl.xla annotates without it).
+    assert data["rows"][0]["torch_jax_loaded"] is False
     assert (tmp_path / "compile_first_step.png").stat().st_size > 0
 
 

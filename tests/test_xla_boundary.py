@@ -72,11 +72,12 @@ def test_only_xla_py_touches_torch_xla():
 
 
 def test_the_boundary_module_is_where_torch_xla_is_used():
-    """The scan looks at the right things: xla.py itself has imports of each kind it finds."""
+    """The scan looks at the right things: xla.py itself has imports of both kinds it finds
+    (its ``torch.ops.xla`` detection is checked on the planted file below: xla.py no longer calls
+    torch_xla's ops, see ``xla._sharded_copy``)."""
     uses = torch_xla_uses((ROOT / "torch_impl" / BOUNDARY).read_text())
     assert any(w.startswith("import torch_xla") for _, w in uses)
     assert any(w.startswith("from torch_xla") for _, w in uses)
-    assert any(w == "torch.ops.xla" for _, w in uses)
 
 
 def test_scan_reports_a_planted_import(tmp_path):

@@ -117,20 +117,57 @@ def mark_sharding(tensor: torch.Tensor, mesh, spec: Sequence) -> torch.Tensor:
     """Annotate ``tensor`` in place (on its device data) with ``spec`` over ``mesh``; returns it.
 
     Not traceable: inside ``scan`` use :func:`mark_sharding_with_gradients`.
+
+    Calls torch_xla's annotation directly: ``xs.mark_sharding`` first imports torchax (and with
+    it JAX, Flax and Orbax) to check for a torchax tensor, which cost 3.5 s on the first call in
+    a process here, most of a small layer's first step (issue 14). ringpar never passes a
+    torchax tensor, so the check is skipped; the annotation is the same call.
     """
-    _xs().mark_sharding(tensor, mesh, tuple(spec))
+    _xs()  # the sharding ops and Mesh.get_op_sharding live there
+    _torch_xla()._XLAC._xla_mark_sharding(tensor, mesh.get_op_sharding(tuple(spec)))
     return tensor
 
 
 def mark_sharding_with_gradients(tensor: torch.Tensor, mesh, spec: Sequence) -> torch.Tensor:
     """Sharding constraint on ``tensor`` and on its gradient; traceable (usable inside scan)."""
-    return _xs().mark_sharding_with_gradients(tensor, mesh, tuple(spec))
+    return _ConstrainWithGradient.apply(tensor, mesh, tuple(spec))
 
 
 def aot_mark_sharding(tensor: torch.Tensor, mesh, spec: Sequence) -> torch.Tensor:
     """Sharding constraint without autograd, traceable (for custom autograd functions)."""
-    _xs()  # importing torch_xla.distributed.spmd registers torch.ops.xla.aot_mark_sharding
-    return torch.ops.xla.aot_mark_sharding(tensor, str(mesh), str(tuple(spec)))
+    return _sharded_copy(tensor, str(mesh), str(tuple(spec)))
+
+
+# torch_xla's own traceable constraint (``xs.mark_sharding_with_gradients`` and the
+# ``xla::aot_mark_sharding`` op) goes through ``xs.mark_sharding`` and so imports torchax + JAX on
+# first use (see :func:`mark_sharding`). These are the same two steps, a copy then the
+# annotation, as an opaque custom op: AOTAutograd (scan, custom Functions) traces it through its
+# fake rule and XLA sees the same annotated copy.
+@torch.library.custom_op("ringpar::sharded_copy", mutates_args=())
+def _sharded_copy(tensor: torch.Tensor, mesh: str, spec: str) -> torch.Tensor:
+    import ast
+
+    out = tensor.clone()
+    mark_sharding(out, _xs().Mesh.from_str(mesh), ast.literal_eval(spec))
+    return out
+
+
+@_sharded_copy.register_fake
+def _sharded_copy_fake(tensor: torch.Tensor, mesh: str, spec: str) -> torch.Tensor:
+    return torch.empty_like(tensor)
+
+
+class _ConstrainWithGradient(torch.autograd.Function):
+    """The value and its gradient each get the sharding ``spec``."""
+
+    @staticmethod
+    def forward(ctx, tensor, mesh, spec):
+        ctx.mesh_spec = (str(mesh), str(spec))
+        return _sharded_copy(tensor, *ctx.mesh_spec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sharded_copy(grad, *ctx.mesh_spec), None, None
 
 
 def sharding_text(tensor: torch.Tensor) -> str:
@@ -166,7 +203,8 @@ def clear_sharding(tensor: torch.Tensor) -> torch.Tensor:
 
 def enable_manual_sharding(tensor: torch.Tensor, mesh, spec: Sequence) -> torch.Tensor:
     """Enter a manual-sharding region: the returned tensor is one device's shard of ``tensor``."""
-    return _xs().enable_manual_sharding(tensor, tuple(spec), mesh=mesh).global_tensor
+    mark_sharding(tensor, mesh, spec)  # as xs.enable_manual_sharding, minus its torchax import
+    return _torch_xla()._XLAC._spmd_full_to_shard_shape(tensor)
 
 
 def disable_manual_sharding(local: torch.Tensor, mesh, spec: Sequence,
