@@ -43,7 +43,7 @@ causal mask) v``, softmax in float32.
 
 Harness helpers (same names in the torch twin): ``gpt_param_shapes(config)``,
 ``load_params(model, flat)``, ``flat_params(model)``, ``loss_and_grads(model, tokens, targets)``,
-``forward_hlo(model, tokens)``.
+``cached_loss_and_grads(model, tokens, targets)`` (compiled once), ``forward_hlo(model, tokens)``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ from .mesh import check_axis
 from .norms import ParallelLayerNorm, ParallelRMSNorm
 
 __all__ = ["GPTConfig", "gpt_param_shapes", "PositionEmbed", "CausalSelfAttention", "MLP",
-           "Block", "GPT", "load_params", "flat_params", "loss_and_grads", "forward_hlo"]
+           "Block", "GPT", "load_params", "flat_params", "loss_and_grads", "cached_loss_and_grads",
+           "forward_hlo"]
 
 
 # -------------------------------------------------------------------------------- modules
@@ -309,6 +310,25 @@ def flat_params(model: GPT) -> dict[str, np.ndarray]:
     return {path: np.asarray(var.value) for path, var in _flat_vars(model).items()}
 
 
+def _ids(a) -> jax.Array:
+    """Integer ids (array) as int32."""
+    return jnp.asarray(a, jnp.int32)
+
+
+def _value_and_grad(graphdef, rest):
+    """``(params, tokens, targets) -> ((loss, logits), grads)`` of the model ``graphdef``."""
+    def f(p, tok, tgt):
+        m = nnx.merge(graphdef, p, rest)
+        logits = m(tok)
+        return m.loss_from_logits(logits, tgt), logits
+
+    return jax.value_and_grad(f, has_aux=True)
+
+
+def _flat_grads(grads) -> dict[str, jax.Array]:
+    return {".".join(str(k) for k in path): var.value for path, var in nnx.to_flat_state(grads)}
+
+
 def loss_and_grads(model: GPT, tokens, targets, *, hlo: bool = False):
     """One jitted forward + backward of the mean loss.
 
@@ -322,26 +342,41 @@ def loss_and_grads(model: GPT, tokens, targets, *, hlo: bool = False):
         logits [B, S, V] and {path: gradient} of every parameter, as jax arrays.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tokens, targets = jnp.asarray(tokens, jnp.int32), jnp.asarray(targets, jnp.int32)
-
-    def f(p, tok, tgt):
-        m = nnx.merge(graphdef, p, rest)
-        logits = m(tok)
-        return m.loss_from_logits(logits, tgt), logits
-
-    step = jax.jit(jax.value_and_grad(f, has_aux=True))
-    compiled = step.lower(params, tokens, targets).compile()
+    tokens, targets = _ids(tokens), _ids(targets)
+    compiled = jax.jit(_value_and_grad(graphdef, rest)).lower(params, tokens, targets).compile()
     (loss, logits), grads = compiled(params, tokens, targets)
-    flat = {".".join(str(k) for k in path): var.value for path, var in nnx.to_flat_state(grads)}
-    out = (loss, logits, flat)
+    out = (loss, logits, _flat_grads(grads))
     return out + (compiled.as_text(),) if hlo else out
 
+
+def cached_loss_and_grads(model: GPT, tokens, targets):
+    """:func:`loss_and_grads` compiled once; returns ``step() -> (loss, logits, grads)``.
+
+    Each call runs the compiled program on the model's current parameters (e.g. after
+    ``nnx.update``) and the given ``tokens`` / ``targets`` (fixed; twin of the torch step, where
+    this is what saves re-tracing; here it saves the compile of every :func:`loss_and_grads`).
+
+    Example::
+
+        step = cached_loss_and_grads(model, tokens, targets)   # compiles once
+        for _ in range(10):
+            loss, logits, grads = step()
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens, targets = _ids(tokens), _ids(targets)
+    compiled = jax.jit(_value_and_grad(graphdef, rest)).lower(params, tokens, targets).compile()
+
+    def step():
+        (loss, logits), grads = compiled(nnx.state(model, nnx.Param), tokens, targets)
+        return loss, logits, _flat_grads(grads)
+
+    return step
 
 
 def forward_hlo(model: GPT, tokens) -> str:
     """Compiled (partitioned) HLO text of the forward pass ``logits = model(tokens)`` alone."""
     graphdef, state = nnx.split(model)
-    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = _ids(tokens)
 
     def f(st, tok):
         return nnx.merge(graphdef, st)(tok)

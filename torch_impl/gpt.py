@@ -17,7 +17,7 @@ name with :func:`load_params`).
 
 Harness helpers (same names as the JAX twin): ``gpt_param_shapes(config)``,
 ``load_params(model, flat)``, ``flat_params(model)``, ``loss_and_grads(model, tokens, targets)``,
-``forward_hlo(model, tokens)``.
+``cached_loss_and_grads(model, tokens, targets)`` (compiled once), ``forward_hlo(model, tokens)``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from .losses import cross_entropy, vocab_parallel_cross_entropy
 from .norms import ParallelLayerNorm, ParallelRMSNorm
 
 __all__ = ["GPTConfig", "gpt_param_shapes", "PositionEmbed", "CausalSelfAttention", "MLP",
-           "Block", "GPT", "load_params", "flat_params", "loss_and_grads", "forward_hlo"]
+           "Block", "GPT", "load_params", "flat_params", "loss_and_grads", "cached_loss_and_grads",
+           "forward_hlo"]
 
 
 # -------------------------------------------------------------------------------- modules
@@ -305,6 +306,20 @@ def flat_params(model: GPT) -> dict[str, np.ndarray]:
             else v.detach().to("cpu").numpy() for k, v in model.named_parameters()}
 
 
+def _ids(a, device) -> torch.Tensor:
+    """Integer ids (array or tensor) as an int64 tensor on ``device``."""
+    a = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    return a.to(device, torch.int64)
+
+
+def _loss_logits_grads(model: GPT, tokens: torch.Tensor, targets: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    logits = model(tokens)
+    loss = model.loss_from_logits(logits, targets)
+    loss.backward()
+    return loss, logits, {k: p.grad for k, p in model.named_parameters()}
+
+
 def loss_and_grads(model: GPT, tokens, targets, *, hlo: bool = False):
     """One forward + backward of the mean loss (parameters' ``.grad`` are overwritten).
 
@@ -319,23 +334,53 @@ def loss_and_grads(model: GPT, tokens, targets, *, hlo: bool = False):
         device (the lazy graph is executed before returning).
     """
     device = next(model.parameters()).device
-    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor)
-                             else tokens).to(device, torch.int64)
-    targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor)
-                              else targets).to(device, torch.int64)
-    model.zero_grad(set_to_none=True)
-    logits = model(tokens)
-    loss = model.loss_from_logits(logits, targets)
-    loss.backward()
-    grads = {k: p.grad for k, p in model.named_parameters()}
-    out = (loss, logits, grads)
+    out = _loss_logits_grads(model, _ids(tokens, device), _ids(targets, device))
     if device.type != "xla":
         if hlo:
             raise ValueError("hlo=True: expected a model on the XLA device")
         return out
+    loss, logits, grads = out
     text = _mesh.compiled_hlo([loss, logits] + list(grads.values())) if hlo else None
     _mesh.sync()
     return out + (text,) if hlo else out
+
+
+def cached_loss_and_grads(model: GPT, tokens, targets):
+    """:func:`loss_and_grads` traced and compiled once; returns ``step() -> (loss, logits, grads)``.
+
+    Each call runs the compiled program on the parameters' current values (update them in place
+    between calls, e.g. with an optimizer) and the given ``tokens`` / ``targets`` (fixed, as for
+    a benchmark or an overfitting check; a new batch of the same shape can be copied into
+    ``step.tokens`` / ``step.targets`` in place). The lazy step re-traces the model on the host
+    every call; this one does not (:mod:`torch_impl.cached_step`: the same compiled program).
+
+    Example::
+
+        step = cached_loss_and_grads(model, tokens, targets)   # trace + compile once
+        for _ in range(10):
+            loss, logits, grads = step()
+    """
+    from .cached_step import CachedStep
+
+    device = next(model.parameters()).device
+    if device.type != "xla":
+        raise ValueError("model: expected a model on the XLA device (GPT built with a mesh)")
+    names, params = zip(*model.named_parameters())
+    tokens, targets = _ids(tokens, device), _ids(targets, device)
+
+    def fn(*args):
+        loss, logits, grads = _loss_logits_grads(model, tokens, targets)
+        return [loss, logits] + [grads[k] for k in names]
+
+    cached = CachedStep(fn, list(params) + [tokens, targets])
+    model.zero_grad(set_to_none=True)  # the traced grads were dropped with the pending graph
+
+    def step():
+        loss, logits, *grads = cached()
+        return loss, logits, dict(zip(names, grads))
+
+    step.tokens, step.targets = tokens, targets
+    return step
 
 
 def forward_hlo(model: GPT, tokens) -> str:
@@ -344,10 +389,8 @@ def forward_hlo(model: GPT, tokens) -> str:
     device = next(model.parameters()).device
     if device.type != "xla":
         raise ValueError("model: expected a model on the XLA device (GPT built with a mesh)")
-    tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor)
-                             else tokens).to(device, torch.int64)
     with torch.no_grad():
-        logits = model(tokens)
+        logits = model(_ids(tokens, device))
     text = _mesh.compiled_hlo([logits])
     _mesh.sync()
     return text
