@@ -356,6 +356,24 @@ def write_plots(out_dir: str, steps: list[dict], pipe: list[dict]) -> list[str]:
     return paths
 
 
+def _ints(text: str, count: int | None, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (count and len(values) != count) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {what}")
+    return values
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return _ints(text, 3, "three positive ints B,IN,OUT, e.g. 32,256,256")
+
+
+def _axis_sizes(text: str) -> list[int]:
+    return list(_ints(text, None, "positive ints separated by commas, e.g. 8 or 2,4,8"))
+
+
 def main(argv=None) -> int:
     """Entry point of ``python -m bench``."""
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
@@ -368,6 +386,13 @@ def main(argv=None) -> int:
                    help="--compile: seconds per case and backend before it counts as a cliff")
     p.add_argument("--pipeline", action="store_true",
                    help="circular pipeline: measured useful-work fraction per (p, m, r)")
+    p.add_argument("--gpt", action="store_true",
+                   help="GPT training step (forward + loss + backward), torch lazy / cached vs JAX")
+    p.add_argument("--shape", type=_shape, default=None, metavar="B,IN,OUT",
+                   help="step-time problem [B, in] x [in, out] (default 64,512,512; --quick "
+                        "32,256,256)")
+    p.add_argument("--tp", type=_axis_sizes, default=None, metavar="N[,N...]",
+                   help="step-time axis sizes (default every one of 2, 4, 8 dividing --devices)")
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:
@@ -388,10 +413,24 @@ def main(argv=None) -> int:
         from . import pipeline_schedule
 
         return pipeline_schedule.main(args.out, args.devices, _progress)
+    if args.gpt:
+        from . import gpt_block
+
+        return gpt_block.main(args.out, args.devices, args.quick, _progress)
     os.makedirs(args.out, exist_ok=True)
-    sizes = [n for n in (2, 4, 8) if args.devices % n == 0]
+    sizes = args.tp or [n for n in (2, 4, 8) if args.devices % n == 0]
+    bad = [n for n in sizes if args.devices % n]
+    if bad:
+        print(f"python -m bench: error: --tp={bad}: expected sizes dividing --devices="
+              f"{args.devices}", file=sys.stderr)
+        return 2
     warmup, repeats = (1, 3) if args.quick else (3, 15)
-    shape = (32, 256, 256) if args.quick else (64, 512, 512)
+    shape = args.shape or ((32, 256, 256) if args.quick else (64, 512, 512))
+    bad = [v for v in shape[1:] if any(v % n for n in sizes)]
+    if bad:
+        print(f"python -m bench: error: --shape={','.join(map(str, shape))}: in and out must be "
+              f"divisible by every axis size {sizes}", file=sys.stderr)
+        return 2
     microbatches = (4, 16) if args.quick else (4, 16, 64)
     stages = min(4, args.devices)
     t0 = time.perf_counter()

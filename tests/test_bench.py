@@ -41,6 +41,43 @@ def test_bad_devices_exit_2(capsys):
     assert "--devices=3" in capsys.readouterr().err
 
 
+def test_bad_shape_and_tp_exit_2_before_any_run(capsys):
+    assert core.main(["--shape", "32,256"]) == 2
+    assert "B,IN,OUT" in capsys.readouterr().err
+    assert core.main(["--tp", "3"]) == 2
+    assert "--tp=[3]" in capsys.readouterr().err
+    assert core.main(["--tp", "8", "--shape", "32,100,256"]) == 2
+    assert "--shape=32,100,256" in capsys.readouterr().err
+
+
+def test_gpt_bench_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    """``--gpt --quick`` (tp=2, both modes) on a tiny GPT: both backends run, losses agree,
+    the table has each row and the median / worst lines (times are not asserted)."""
+    import json
+
+    from bench import gpt_block
+
+    monkeypatch.setattr(gpt_block, "SIZES", dict(vocab_size=64, max_seq_len=8, hidden_size=32,
+                                                  num_heads=8, num_layers=1, mlp_hidden_size=64))
+    assert core.main(["--gpt", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["n"], r["mode"]) for r in rows] == [(2, "plain"), (2, "ring")]
+    assert all(r["loss_ok"] and r["jax_s"] > 0 and r["torch_cached_s"] > 0 for r in rows)
+    text = (tmp_path / "results.md").read_text()
+    assert "| 2 | ring |" in text and "torch/JAX cached: median" in text
+
+
+def test_gpt_bench_flags_a_loss_difference():
+    from bench import gpt_block
+
+    row = {"n": 2, "mode": "plain", "jax_s": 0.01, "torch_cached_s": 0.01, "torch_s": 0.02,
+           "torch_cached_over_jax": 1.0, "torch_lazy_over_jax": 2.0, "jax_first_s": 1.0,
+           "torch_first_s": 1.0, "loss_rel_diff": 1e-3, "loss_ok": False}
+    meta = {"devices": 8, "repeats": 3, "warmup": 1, "date": "d", "load_before": "1",
+            "load_after": "1"}
+    assert "1.0e-03 (OVER)" in gpt_block.markdown([row], meta)
+
+
 # ------------------------------------------------------------------------- --compile (issue 14)
 def test_compile_sweep_covers_every_method_tp_and_size():
     from bench import compile as cs
