@@ -258,7 +258,14 @@ def _host_device_table(steps: list[dict]) -> list[str]:
                    f"{ms(r['torch_device_s'])} | {ms(r['torch_cached_host_s'])} | "
                    f"{ms(r['torch_cached_device_s'])} | {ms(r['torch_cached_s'])} | "
                    f"{r['torch_over_jax']:.2f} | {r['torch_cached_over_jax']:.2f} |")
-    for key, name in (("torch_over_jax", "lazy"), ("torch_cached_over_jax", "cached")):
+    out += ratio_lines(rows, {"lazy": "torch_over_jax", "cached": "torch_cached_over_jax"})
+    return out
+
+
+def ratio_lines(rows: list[dict], keys: dict[str, str]) -> list[str]:
+    """One "torch/JAX <name>: median .., worst .." line per ``{name: row key}``."""
+    out = []
+    for name, key in keys.items():
         vals = [r[key] for r in rows]
         out.append(f"\ntorch/JAX {name}: median {statistics.median(vals):.2f}, worst "
                    f"{max(vals):.2f}")

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 
 import numpy as np
+
+from .core import _median_time, ratio_lines
 
 # One block of a small GPT: big enough that the step is not only launch overhead.
 SIZES = dict(vocab_size=512, max_seq_len=32, hidden_size=256, num_heads=8, num_layers=1,
@@ -55,17 +56,6 @@ def make_inputs(seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
     return params, tokens, targets
 
 
-def _median(step, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def jax_row(n: int, mode: str, inputs, warmup: int, repeats: int) -> dict:
     """JAX: first step and steady step of the compiled loss + gradients."""
     import jax
@@ -83,7 +73,7 @@ def jax_row(n: int, mode: str, inputs, warmup: int, repeats: int) -> dict:
     step = gpt.cached_loss_and_grads(model, tokens, targets)
     loss = float(jax.block_until_ready(step())[0])
     first = time.perf_counter() - t0
-    steady = _median(lambda: jax.block_until_ready(step()), warmup, repeats)
+    steady = _median_time(lambda: jax.block_until_ready(step()), warmup, repeats)
     return {"jax_first_s": first, "jax_s": steady, "jax_loss": loss}
 
 
@@ -105,8 +95,9 @@ def torch_row(n: int, mode: str, inputs, warmup: int, repeats: int) -> dict:
     wait()
     first = time.perf_counter() - t0
     loss = float(out[0].cpu())
-    cached = _median(lambda: (step(), wait()), warmup, repeats)
-    lazy = _median(lambda: (gpt.loss_and_grads(model, tokens, targets), wait()), warmup, repeats)
+    cached = _median_time(lambda: (step(), wait()), warmup, repeats)
+    lazy = _median_time(lambda: (gpt.loss_and_grads(model, tokens, targets), wait()), warmup,
+                        repeats)
     return {"torch_first_s": first, "torch_cached_s": cached, "torch_s": lazy,
             "torch_loss": loss}
 
@@ -148,10 +139,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                    f"{r['torch_cached_over_jax']:.2f} | {r['torch_lazy_over_jax']:.2f} | "
                    f"{r['jax_first_s']:.2f} | {r['torch_first_s']:.2f} | "
                    f"{r['loss_rel_diff']:.1e}{flag} |")
-    for key, name in (("torch_cached_over_jax", "cached"), ("torch_lazy_over_jax", "lazy")):
-        vals = [r[key] for r in rows]
-        out.append(f"\ntorch/JAX {name}: median {statistics.median(vals):.2f}, worst "
-                   f"{max(vals):.2f}")
+    out += ratio_lines(rows, {"cached": "torch_cached_over_jax", "lazy": "torch_lazy_over_jax"})
     return "\n".join(out) + "\n"
 
 
