@@ -4,7 +4,9 @@ On the mesh (dp, fsdp, pp, tp) = (2, 2, 1, 2), a TPDense gather -> scatter pair 
 input ``[n, B, F]`` whose batch is sharded over (dp, fsdp). Outside the context the layers mark
 their activations replicated over (dp, fsdp), so the partitioner all-gathers the batch; inside it
 every all-gather / reduce-scatter runs over the tp rings only (as under JAX's shard_map), and the
-numbers are the same (measured: equal; tolerance 1e-6).
+numbers are the same up to summation order (measured: equal on one machine, 1.3e-6 absolute /
+3.3e-5 relative on one element of the input gradient on another CPU, where the two partitionings
+reduce in a different order; tolerance 1e-5 absolute, 1e-4 relative).
 """
 
 import os
@@ -77,7 +79,7 @@ def test_tp_layers_keep_the_batch_sharded(mesh):
     ref, text_plain = _run(mesh, sharded=False)
     got, text = _run(mesh, sharded=True)
     for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     tp_groups = "{{0,1},{2,3},{4,5},{6,7}}"
     moved = [op for op in hlo.collectives(text) if op.kind in ("all-gather", "reduce-scatter")]
     assert moved and all(op.replica_groups == tp_groups for op in moved), moved
