@@ -180,3 +180,5 @@ def test_gpt_errors_name_the_module(make_jax_mesh, make_torch_mesh):
             mod.GPTConfig(**dict(SIZES, hidden_size=30))
         with pytest.raises(ValueError, match="tp_mode"):
             mod.GPTConfig(tp_mode="async")
+    with pytest.raises(ValueError, match="expected a model on the XLA device"):
+        tgpt.cached_loss_and_grads(tgpt.GPT(tgpt.GPTConfig(**SIZES)), [[1]], [[2]])
