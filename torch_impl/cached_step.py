@@ -49,8 +49,9 @@ class CachedStep:
 
     Raises:
         ValueError: ``args`` not XLA tensors, ``fn`` returning something other than a non-empty
-            sequence of XLA tensors; at call time a wrong number of arguments or a shape/dtype
-            that differs from the traced one.
+            sequence of XLA tensors, an arg that is not an input of the traced graph (``fn`` read
+            a copy made elsewhere: its updates would be missed); at call time a wrong number of
+            arguments or a shape/dtype that differs from the traced one.
     """
 
     def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], args: Sequence[torch.Tensor],
@@ -63,6 +64,7 @@ class CachedStep:
         self.args = args
         self._signature = [(tuple(a.shape), a.dtype) for a in args]
         _mesh.sync(wait=True)  # capture clears every pending graph: run them first
+        before = [xla.data_handle(a) for a in args]  # every arg is device data now
         outputs = fn(*args)
         if not isinstance(outputs, (list, tuple)) or not outputs or not all(
                 isinstance(t, torch.Tensor) for t in outputs):
@@ -71,10 +73,19 @@ class CachedStep:
         self.num_outputs = len(outputs)
         # the compiled, partitioned program (for checking its collectives), before capture drops it
         self.hlo_text = _mesh.compiled_hlo(outputs) if keep_hlo else None
-        self.graph_hash, ids, self._values = xla.capture_graph(outputs)
-        position = {xla.tensor_id(a): i for i, a in enumerate(args)}
+        after = [xla.data_handle(a) for a in args]  # an arg fn re-placed (resharded) has a new one
+        self.graph_hash, _, self._values = xla.capture_graph(outputs)
+        # Inputs are matched to args by device buffer, not tensor id: in a model whose
+        # parameters were built from other tensors the graph's input nodes carry those ids.
+        position = {h: i for handles in (after, before) for i, h in enumerate(handles)
+                    if h is not None}
         # graph input k comes from args[plan[k]], or (None) is a constant captured at trace time
-        self._plan = [position.get(t) for t in ids]
+        self._plan = [position.get(xla.data_handle(v)) for v in self._values]
+        unread = sorted(set(range(len(args))) - {k for k in self._plan if k is not None})
+        if unread:  # fn read a copy of these (or nothing): replaying would freeze their values
+            raise ValueError(f"args {unread[:8]}: not inputs of the traced graph (fn reads another "
+                             f"tensor holding their values, or none), so the cached step would "
+                             f"not see their updates; pass the tensors fn itself reads")
 
     def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
         """Run the compiled step on ``args`` (default: the construction args, current values)."""

@@ -36,7 +36,8 @@ __all__ = ["is_spmd", "enable_spmd", "device", "device_count", "Mesh", "is_mesh"
            "aot_mark_sharding", "sharding_text", "has_sharding", "local_shards",
            "enable_manual_sharding", "disable_manual_sharding", "spmd_all_reduce", "spmd_reduce_scatter", "manual_reduce_scatter_op", "checkpoint",
            "clear_sharding", "scan", "sync", "compile_count",
-           "wait_device_ops", "compiled_hlo", "graph_hash", "capture_graph", "tensor_id", "run_graph",
+           "wait_device_ops", "compiled_hlo", "graph_hash", "capture_graph", "data_handle", "tensor_id",
+           "run_graph",
            "REDUCE_SUM"]
 
 REDUCE_SUM = "sum"  # torch_xla's reduce-type string (``xm.REDUCE_SUM``)
@@ -367,6 +368,16 @@ def capture_graph(outputs: Sequence[torch.Tensor]) -> tuple[Any, list[int], list
     x._xla_warm_up_cache(outputs, [])
     x._clear_pending_irs(str(device()))
     return graph_hash, list(ids), list(values)
+
+
+def data_handle(tensor: torch.Tensor) -> int | None:
+    """The device buffer an XLA tensor holds (None while it is a pending computation). Matches
+    the input values of :func:`capture_graph` where tensor ids may not: an input node can carry
+    the id of another tensor that shared the buffer (a no-op ``.to``, a parameter built from it)."""
+    try:
+        return _torch_xla()._XLAC._get_tensors_handle([tensor])[0]
+    except RuntimeError:  # "XlaTensor does not have data handle": not materialized
+        return None
 
 
 def tensor_id(tensor: torch.Tensor) -> int:

@@ -81,3 +81,18 @@ def test_cached_step_rejects_bad_arguments():
         step(a, a)
     with pytest.raises(ValueError, match=r"args\[0\]=\(\(5,\)"):
         step(torch.ones(5, device=dev))
+
+
+def test_cached_step_refuses_an_arg_the_graph_does_not_read():
+    """fn reading a copy of an arg (made before the trace) would replay the copy's value forever:
+    refused, naming the arg."""
+    dev = M.xla_device()
+    a = torch.ones(4, device=dev)
+    b = torch.full((4,), 2.0, device=dev)
+    copy = a * 1
+    M.sync(wait=True)
+    with pytest.raises(ValueError, match=r"args \[0\]: not inputs of the traced graph"):
+        CachedStep(lambda a, b: [copy * b], [a, b])
+    with pytest.raises(ValueError, match=r"args \[1\]"):
+        CachedStep(lambda a, b: [a + 1], [a, b])  # b not read at all
+
