@@ -28,11 +28,12 @@ import numpy as np
 
 from ringpar import checkpoint as ckpt
 from ringpar.configs import ModelConfig
-from ringpar.gpt_model_config import from_layout, to_layout
+from ringpar.gpt_model_config import check_batch, from_layout, to_layout
 from ringpar.optim import OptimizerConfig, init_state
 
 from . import mesh as _mesh
 from . import optim
+from .cached_step import CachedStep
 from .model import build_gpt
 
 __all__ = ["Trainer"]
@@ -63,6 +64,7 @@ class Trainer:
         if opt_state is None:  # zero moments now: step 0 traces the same graph as later steps
             opt_state = init_state(dict(params))
         optim.import_state(self.opt, self.params, ckpt.map_moments(opt_state, self._to_layout))
+        self._steps = {}  # batch shapes -> the cached loss + gradient step
         specs = self.model.param_specs()
         for k, p in self.params.items():  # moments sharded like their parameter
             for key in ("exp_avg", "exp_avg_sq"):
@@ -73,10 +75,32 @@ class Trainer:
 
     def step(self, tokens, targets) -> tuple[float, float]:
         """One AdamW step on the batch: (loss before the update, global gradient norm)."""
-        loss, _ = self.model.loss_and_grads(self.params, tokens, targets)
+        loss = self._loss_and_grads(tokens, targets)
         norm = optim.apply_step(self.opt, self.params, None, self.opt_config)
         _mesh.sync()
         return float(loss.cpu()), float(norm.cpu())
+
+    def _loss_and_grads(self, tokens, targets):
+        """``model.loss_and_grads`` traced and compiled once per batch shape, then replayed on the
+        current parameters and batch (``torch_impl.cached_step``; sets every ``.grad``). Re-tracing
+        the model each step cost 0.27 s of host time a step on mesh 1,1,2,4 (replayed: 0.04 s,
+        JAX 0.06 s); the AdamW update stays lazy (its learning rate changes every step)."""
+        check_batch(tuple(np.shape(tokens)), tuple(np.shape(targets)), self.config,
+                    self.model.sizes)  # before the batch moves to the devices
+        batch = (self.model._batch(tokens), self.model._batch(targets))
+        key = (tuple(batch[0].shape), tuple(batch[1].shape))
+        if key not in self._steps:
+            names = list(self.params)
+
+            def loss_and_grads(*args):
+                loss, grads = self.model.loss_and_grads(self.params, *batch)
+                return [loss] + [grads[k] for k in names]
+
+            self._steps[key] = CachedStep(loss_and_grads, [*self.params.values(), *batch])
+        loss, *grads = self._steps[key](*self.params.values(), *batch)
+        for p, g in zip(self.params.values(), grads):
+            p.grad = g
+        return loss
 
     def compiled_text(self, tokens, targets) -> str:
         """HLO text of the compiled loss + gradient program (for collective signatures)."""
