@@ -14,4 +14,4 @@ parallel=()
 if [ "$workers" != "0" ]; then
   parallel=(-n "$workers" --dist loadfile)
 fi
-exec "$venv/bin/python" -m pytest -p no:cacheprovider -ra --durations=15 "${parallel[@]}" "$@"
+exec "$venv/bin/python" -m pytest -p no:cacheprovider -ra --durations=20 "${parallel[@]}" "$@"
