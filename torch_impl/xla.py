@@ -381,7 +381,8 @@ def data_handle(tensor: torch.Tensor) -> int | None:
 
 
 def tensor_id(tensor: torch.Tensor) -> int:
-    """torch_xla's id of an XLA tensor (matches the ids of :func:`capture_graph`)."""
+    """torch_xla's id of an XLA tensor (the ids :func:`capture_graph` returns are those of the
+    tensors that created the input nodes, not always the tensors passed: see :func:`data_handle`)."""
     return _torch_xla()._XLAC._xla_get_tensor_id(tensor)
 
 
