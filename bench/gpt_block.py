@@ -131,7 +131,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"of {meta['repeats']} steps after {meta['warmup']} warm-up; {meta['date']}, load "
            f"before / after {meta['load_before']} / {meta['load_after']}.", "",
            "| tp | mode | JAX ms | torch cached ms | torch lazy ms | cached/JAX | lazy/JAX | "
-           "JAX first s | torch first s | loss rel diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "JAX first s | torch first s | loss rel diff |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flag = "" if r["loss_ok"] else " (OVER)"
         out.append(f"| {r['n']} | {r['mode']} | {r['jax_s'] * 1e3:.2f} | "

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ringpar.partition_specs import axes_of
+
 from . import mesh as _mesh
 from . import vmap_axes, xla
 
@@ -44,10 +46,6 @@ _BATCH_ATTR = "_ringpar_fsdp_batch"  # (data axes, batch dim) of a per_shard_cal
 def copy_cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A new lazy tensor (so an annotation does not touch ``x``), cast to ``dtype`` if given."""
     return x.to(dtype) if dtype is not None and dtype != x.dtype else x * 1
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
 def _spec_of(x: torch.Tensor, mesh) -> tuple | None:
@@ -72,7 +70,7 @@ class _GatherRows(torch.autograd.Function):
         ctx.mesh, ctx.entry, ctx.shard, ctx.full, ctx.dim = mesh, entry, shard, full, dim
         ctx.axis_name, ctx.scatter_dt, ctx.param_dt = axis_name, scatter_dt, x.dtype
         ctx.shape = tuple(x.shape)
-        rows = math.prod(_mesh.check_axis(mesh, a) for a in _axes(entry))
+        rows = math.prod(_mesh.check_axis(mesh, a) for a in axes_of(entry))
         gathered = _mesh.mark_sharding(copy_cast(x, gather_dt), mesh, full)
         return vmap_axes.aot_constrain(gathered.unsqueeze(0).expand(rows, *x.shape), mesh,
                                        (entry,) + full)
@@ -84,7 +82,7 @@ class _GatherRows(torch.autograd.Function):
         local = xla.enable_manual_sharding(g, mesh, spec)  # [1, *block]: this shard's partial
         groups = _mesh.axis_groups(mesh, ctx.axis_name)
         local = xla.spmd_reduce_scatter(local, 1 + ctx.dim, groups)
-        rest = [a for a in _axes(ctx.entry)
+        rest = [a for a in axes_of(ctx.entry)
                 if a != ctx.axis_name and _mesh.check_axis(mesh, a) > 1]
         if rest:
             local = xla.spmd_all_reduce(local, _mesh.axis_groups(mesh, rest))
@@ -102,7 +100,8 @@ def data_shard_rows(x: torch.Tensor, rows: int, spec: Sequence, *, mesh) -> torc
     """
     spec = tuple(spec)
     names = _spec_of(x, mesh)
-    axes = [a for a in _axes(spec[0]) if names is not None and any(a in _axes(e) for e in names)]
+    axes = [a for a in axes_of(spec[0])
+            if names is not None and any(a in axes_of(e) for e in names)]
     if len(axes) != 1 or names.count(axes[0]) != 1:
         return vmap_axes.constrain_with_gradients(x.unsqueeze(0).expand(rows, *x.shape), mesh,
                                                   spec)
@@ -124,16 +123,16 @@ def batch_layout(args: Sequence, kwargs: dict, axis_name: str, *, mesh):
             dims.append(None)
             continue
         spec = () if vmap_axes.is_traced(a) else (_spec_of(a, mesh) or ())
-        found = [(i, e) for i, e in enumerate(spec) if axis_name in _axes(e)]
+        found = [(i, e) for i, e in enumerate(spec) if axis_name in axes_of(e)]
         if getattr(a, _BATCH_ATTR, None) is not None:
             found = [getattr(a, _BATCH_ATTR)[::-1]]
-        if len(found) != 1 or (entry is not None and _axes(found[0][1]) != _axes(entry)):
+        if len(found) != 1 or (entry is not None and axes_of(found[0][1]) != axes_of(entry)):
             return None
         dim, entry = found[0]
         dims.append(dim)
     if entry is None:
         return None
-    return entry, math.prod(_mesh.check_axis(mesh, a) for a in _axes(entry)), dims
+    return entry, math.prod(_mesh.check_axis(mesh, a) for a in axes_of(entry)), dims
 
 
 def per_shard_call(module: nn.Module, fsdp_names: dict, axis_name: str, gather_dtype: Any,

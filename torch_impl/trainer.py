@@ -40,7 +40,8 @@ __all__ = ["Trainer"]
 
 
 # Deliberate twin of jax_impl.trainer.Trainer, kept line-for-line parallel on purpose: same steps,
-# attributes and method order.
+# attributes and method order. One torch-only addition: ``_loss_and_grads`` (and its ``_steps``
+# cache) replays the compiled loss + gradient step, which JAX's jitted step needs no help for.
 class Trainer:
     """The model, its sharded parameters and ``torch.optim.AdamW`` on torch_xla SPMD.
 

@@ -36,8 +36,8 @@ __all__ = ["is_spmd", "enable_spmd", "device", "device_count", "Mesh", "is_mesh"
            "aot_mark_sharding", "sharding_text", "has_sharding", "local_shards",
            "enable_manual_sharding", "disable_manual_sharding", "spmd_all_reduce", "spmd_reduce_scatter", "manual_reduce_scatter_op", "checkpoint",
            "clear_sharding", "scan", "sync", "compile_count",
-           "wait_device_ops", "compiled_hlo", "graph_hash", "capture_graph", "data_handle", "tensor_id",
-           "run_graph",
+           "wait_device_ops", "compiled_hlo", "graph_hash", "capture_graph", "data_handle",
+           "tensor_id", "run_graph",
            "REDUCE_SUM"]
 
 REDUCE_SUM = "sum"  # torch_xla's reduce-type string (``xm.REDUCE_SUM``)
@@ -124,7 +124,6 @@ def mark_sharding(tensor: torch.Tensor, mesh, spec: Sequence) -> torch.Tensor:
     a process here, most of a small layer's first step (issue 14). ringpar never passes a
     torchax tensor, so the check is skipped; the annotation is the same call.
     """
-    _xs()  # the sharding ops and Mesh.get_op_sharding live there
     _torch_xla()._XLAC._xla_mark_sharding(tensor, mesh.get_op_sharding(tuple(spec)))
     return tensor
 
@@ -382,7 +381,8 @@ def data_handle(tensor: torch.Tensor) -> int | None:
 
 def tensor_id(tensor: torch.Tensor) -> int:
     """torch_xla's id of an XLA tensor (the ids :func:`capture_graph` returns are those of the
-    tensors that created the input nodes, not always the tensors passed: see :func:`data_handle`)."""
+    tensors that created the input nodes, not always the tensors passed: see
+    :func:`data_handle`)."""
     return _torch_xla()._XLAC._xla_get_tensor_id(tensor)
 
 
